@@ -1,0 +1,212 @@
+//! Owns the plugin configuration (Envoy's wasm `configuration` field): parsed and validated once,
+//! in `on_configure`; a bad configuration stops the filter from starting rather than letting
+//! requests through unchecked.
+//!
+//! ```json
+//! {"blocked_paths": ["/api/pull", "/api/push"], "blocked_prefixes": ["/api/blobs/"]}
+//! ```
+//! An empty configuration, or an omitted (or `null`) field, means that field's defaults below;
+//! an empty list means "none". Entries are normalised like request paths (see `path_guard`).
+//! Unknown fields are errors, so a typo cannot silently drop a block.
+
+use serde::Deserialize;
+
+use crate::path_guard::{BadEntry, Blocklist, EntryKind};
+
+/// Ollama's endpoints that change what the model server holds.
+pub const DEFAULT_BLOCKED_PATHS: [&str; 5] = [
+    "/api/pull",
+    "/api/push",
+    "/api/create",
+    "/api/copy",
+    "/api/delete",
+];
+
+/// Ollama's blob endpoints (`/api/blobs/:digest`); `/api/blobs` itself is blocked too.
+pub const DEFAULT_BLOCKED_PREFIXES: [&str; 1] = ["/api/blobs/"];
+
+/// The filter's validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub blocklist: Blocklist,
+}
+
+/// The JSON shape, before validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginConfig {
+    blocked_paths: Option<Vec<String>>,
+    blocked_prefixes: Option<Vec<String>>,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug)]
+pub enum ConfigError {
+    Json(serde_json::Error),
+    BadEntry(BadEntry),
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::Json(e) => write!(f, "invalid plugin configuration: {e}"),
+            ConfigError::BadEntry(bad) => {
+                let field = match bad.kind {
+                    EntryKind::Path => "blocked_paths",
+                    EntryKind::Prefix => "blocked_prefixes",
+                };
+                write!(
+                    f,
+                    "invalid plugin configuration: {field} entry {:?}: {}",
+                    bad.entry, bad.reason
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The defaults are constants that normalise cleanly (a test checks it); should that ever
+        // break, block everything rather than nothing.
+        let blocklist = Blocklist::new(&DEFAULT_BLOCKED_PATHS, &DEFAULT_BLOCKED_PREFIXES)
+            .unwrap_or_else(|_| Blocklist::everything());
+        Config { blocklist }
+    }
+}
+
+impl Config {
+    /// Parses the plugin configuration bytes. Empty or whitespace-only means all defaults.
+    pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Config::default());
+        }
+        let raw: PluginConfig = serde_json::from_slice(bytes).map_err(ConfigError::Json)?;
+        let paths = raw
+            .blocked_paths
+            .unwrap_or_else(|| to_strings(&DEFAULT_BLOCKED_PATHS));
+        let prefixes = raw
+            .blocked_prefixes
+            .unwrap_or_else(|| to_strings(&DEFAULT_BLOCKED_PREFIXES));
+        let blocklist = Blocklist::new(&paths, &prefixes).map_err(ConfigError::BadEntry)?;
+        Ok(Config { blocklist })
+    }
+}
+
+fn to_strings(entries: &[&str]) -> Vec<String> {
+    entries.iter().map(|e| (*e).to_owned()).collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::path_guard::{decide, Decision};
+
+    fn config(json: &str) -> Result<Config, ConfigError> {
+        Config::from_json(json.as_bytes())
+    }
+
+    #[test]
+    fn defaults_block_the_ollama_mutating_endpoints() {
+        let cfg = Config::default();
+        assert_eq!(
+            cfg.blocklist.paths(),
+            [
+                "/api/pull",
+                "/api/push",
+                "/api/create",
+                "/api/copy",
+                "/api/delete"
+            ]
+        );
+        assert_eq!(cfg.blocklist.prefixes(), ["/api/blobs"]);
+    }
+
+    #[test]
+    fn empty_configuration_means_defaults() {
+        assert_eq!(Config::from_json(b"").unwrap(), Config::default());
+        assert_eq!(Config::from_json(b" \n\t").unwrap(), Config::default());
+        assert_eq!(config("{}").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn null_fields_mean_defaults() {
+        let cfg = config(r#"{"blocked_paths": null, "blocked_prefixes": null}"#).unwrap();
+        assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn custom_paths_replace_default_paths_and_keep_default_prefixes() {
+        let cfg = config(r#"{"blocked_paths": ["/api/generate"]}"#).unwrap();
+        assert_eq!(cfg.blocklist.paths(), ["/api/generate"]);
+        assert_eq!(cfg.blocklist.prefixes(), ["/api/blobs"]);
+        assert_eq!(decide("/api/generate", &cfg.blocklist), Decision::Block);
+        assert_eq!(decide("/api/pull", &cfg.blocklist), Decision::Allow);
+        assert_eq!(decide("/api/blobs/x", &cfg.blocklist), Decision::Block);
+    }
+
+    #[test]
+    fn custom_prefixes_replace_default_prefixes() {
+        let cfg = config(r#"{"blocked_prefixes": ["/admin/"]}"#).unwrap();
+        assert_eq!(cfg.blocklist.prefixes(), ["/admin"]);
+        assert_eq!(decide("/ADMIN/x", &cfg.blocklist), Decision::Block);
+        assert_eq!(decide("/api/blobs/x", &cfg.blocklist), Decision::Allow);
+        assert_eq!(decide("/api/pull", &cfg.blocklist), Decision::Block);
+    }
+
+    #[test]
+    fn empty_lists_block_nothing() {
+        let cfg = config(r#"{"blocked_paths": [], "blocked_prefixes": []}"#).unwrap();
+        assert_eq!(decide("/api/pull", &cfg.blocklist), Decision::Allow);
+        assert_eq!(decide("/api/blobs/x", &cfg.blocklist), Decision::Allow);
+    }
+
+    #[test]
+    fn configured_entries_are_normalised() {
+        let cfg = config(r#"{"blocked_paths": ["//API/%50ull/"], "blocked_prefixes": ["/x\\Y/"]}"#)
+            .unwrap();
+        assert_eq!(cfg.blocklist.paths(), ["/api/pull"]);
+        assert_eq!(cfg.blocklist.prefixes(), ["/x/y"]);
+    }
+
+    #[test]
+    fn unknown_field_is_rejected() {
+        let err = config(r#"{"blocked_path": ["/api/pull"]}"#).unwrap_err();
+        assert!(matches!(err, ConfigError::Json(_)));
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn path_entry_without_leading_slash_is_rejected() {
+        let err = config(r#"{"blocked_paths": ["api/pull"]}"#).unwrap_err();
+        assert!(err.to_string().contains("blocked_paths"), "{err}");
+        assert!(err.to_string().contains("api/pull"), "{err}");
+    }
+
+    #[test]
+    fn prefix_entry_without_leading_slash_is_rejected() {
+        let err = config(r#"{"blocked_prefixes": ["api/blobs/"]}"#).unwrap_err();
+        assert!(err.to_string().contains("blocked_prefixes"), "{err}");
+    }
+
+    #[test]
+    fn empty_or_malformed_entries_are_rejected() {
+        assert!(config(r#"{"blocked_paths": [""]}"#).is_err());
+        assert!(config(r#"{"blocked_paths": ["/api/pull?x=1"]}"#).is_err());
+        assert!(config(r#"{"blocked_paths": ["/api/%zz"]}"#).is_err());
+        assert!(config(r#"{"blocked_prefixes": ["/a%00"]}"#).is_err());
+    }
+
+    #[test]
+    fn invalid_json_is_rejected() {
+        assert!(config("{").is_err());
+        assert!(config("blocked_paths: [/api/pull]").is_err());
+        assert!(config("[]").is_err());
+        assert!(config("null").is_err());
+        assert!(config(r#"{"blocked_paths": "/api/pull"}"#).is_err());
+        assert!(config(r#"{"blocked_paths": [1]}"#).is_err());
+    }
+}

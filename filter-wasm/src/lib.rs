@@ -1,0 +1,9 @@
+//! Tollgate's proxy-wasm filter for Envoy. The decisions live in plain Rust modules tested
+//! natively; `glue` binds them to proxy-wasm and exists only in the wasm32 build.
+
+pub mod config;
+pub mod http_filter;
+pub mod path_guard;
+
+#[cfg(target_arch = "wasm32")]
+mod glue;

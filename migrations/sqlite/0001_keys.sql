@@ -1,0 +1,22 @@
+-- Tenants and API keys. Keys are stored only as argon2id hashes (PHC strings);
+-- the public prefix is the lookup handle.
+CREATE TABLE tenants (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    status      TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'disabled')),
+    created_at  INTEGER NOT NULL
+);
+
+CREATE TABLE api_keys (
+    id          TEXT PRIMARY KEY,
+    prefix      TEXT NOT NULL UNIQUE,
+    secret_hash TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    tenant_id   TEXT NOT NULL REFERENCES tenants(id),
+    rpm         INTEGER CHECK (rpm IS NULL OR rpm > 0),
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER,
+    revoked_at  INTEGER
+);
+
+CREATE INDEX api_keys_tenant ON api_keys(tenant_id);

@@ -1,0 +1,126 @@
+//! GCRA (generic cell rate algorithm): one timestamp per counter, the "theoretical arrival
+//! time" (TAT). A limit of N per period P admits a burst of N, then one every P/N.
+//! Chosen over fixed windows because it has no boundary burst (2N across a window edge)
+//! and over sliding logs because its state is one number, which keeps memory flat and
+//! makes the Redis version a single atomic read-modify-write.
+
+use crate::limit_policy::Limit;
+
+/// Nanoseconds on the store's clock.
+pub type Nanos = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    /// Requests still admissible right now after this decision.
+    pub remaining: u32,
+    /// Until the counter is back to a full burst.
+    pub reset_after: Nanos,
+    /// When denied: until this request would be admitted.
+    pub retry_after: Nanos,
+}
+
+/// Applies `hits` at `now` to a counter whose TAT is `tat` (0 when new).
+/// Returns the verdict and the TAT to store (unchanged when denied).
+pub fn decide(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nanos) {
+    let period = u64::try_from(limit.unit.period().as_nanos()).unwrap_or(u64::MAX);
+    let per = u64::from(limit.requests_per_unit.max(1));
+    let interval = (period / per).max(1);
+    let base = tat.max(now);
+    let new_tat = base.saturating_add(interval.saturating_mul(hits));
+    let allow_until = now.saturating_add(period);
+    if limit.requests_per_unit == 0 || new_tat > allow_until {
+        let retry_after = if limit.requests_per_unit == 0 {
+            period
+        } else {
+            new_tat - allow_until
+        };
+        let remaining = remaining(allow_until, base, interval);
+        let verdict = Verdict {
+            allowed: false,
+            remaining,
+            reset_after: base - now,
+            retry_after,
+        };
+        return (verdict, tat);
+    }
+    let verdict = Verdict {
+        allowed: true,
+        remaining: remaining(allow_until, new_tat, interval),
+        reset_after: new_tat - now,
+        retry_after: 0,
+    };
+    (verdict, new_tat)
+}
+
+fn remaining(allow_until: Nanos, tat: Nanos, interval: Nanos) -> u32 {
+    u32::try_from(allow_until.saturating_sub(tat) / interval).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limit_policy::Unit;
+
+    const SEC: Nanos = 1_000_000_000;
+
+    fn per_minute(n: u32) -> Limit {
+        Limit {
+            requests_per_unit: n,
+            unit: Unit::Minute,
+        }
+    }
+
+    #[test]
+    fn burst_of_n_then_denied_with_retry_after() {
+        let l = per_minute(3);
+        let now = 1_000 * SEC;
+        let mut tat = 0;
+        let mut remaining = vec![];
+        for _ in 0..3 {
+            let (v, t) = decide(&l, tat, now, 1);
+            assert!(v.allowed);
+            remaining.push(v.remaining);
+            tat = t;
+        }
+        assert_eq!(remaining, vec![2, 1, 0]);
+        let (v, t) = decide(&l, tat, now, 1);
+        assert!(!v.allowed);
+        assert_eq!(t, tat, "a denied request must not consume");
+        assert_eq!(v.retry_after, 20 * SEC);
+        assert_eq!(v.reset_after, 60 * SEC);
+    }
+
+    #[test]
+    fn one_request_is_readmitted_after_one_interval() {
+        let l = per_minute(3);
+        let mut tat = 0;
+        for _ in 0..3 {
+            tat = decide(&l, tat, 0, 1).1;
+        }
+        assert!(!decide(&l, tat, 19 * SEC, 1).0.allowed);
+        let (v, _) = decide(&l, tat, 20 * SEC, 1);
+        assert!(v.allowed);
+        assert_eq!(v.remaining, 0);
+    }
+
+    #[test]
+    fn hits_addend_consumes_several_and_zero_hits_only_reads() {
+        let l = per_minute(10);
+        let (v, tat) = decide(&l, 0, 0, 4);
+        assert!(v.allowed);
+        assert_eq!(v.remaining, 6);
+        let (v, tat2) = decide(&l, tat, 0, 0);
+        assert!(v.allowed);
+        assert_eq!(v.remaining, 6);
+        assert_eq!(tat, tat2);
+        assert!(!decide(&l, tat, 0, 7).0.allowed);
+    }
+
+    #[test]
+    fn zero_limit_denies_everything() {
+        let (v, _) = decide(&per_minute(0), 0, 0, 1);
+        assert!(!v.allowed);
+        assert_eq!(v.retry_after, 60 * SEC);
+    }
+}

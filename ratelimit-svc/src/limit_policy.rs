@@ -1,0 +1,78 @@
+//! A limit is `requests_per_unit` per `unit`, as in envoyproxy/ratelimit's configuration
+//! and in Envoy's descriptor limit override.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unit {
+    Second,
+    Minute,
+    Hour,
+    Day,
+    Week,
+    Month,
+    Year,
+}
+
+impl Unit {
+    /// Envoy's `RateLimitUnit` numbering (UNKNOWN = 0 has no unit).
+    pub fn from_envoy(value: i32) -> Option<Self> {
+        Some(match value {
+            1 => Unit::Second,
+            2 => Unit::Minute,
+            3 => Unit::Hour,
+            4 => Unit::Day,
+            5 => Unit::Month,
+            6 => Unit::Year,
+            7 => Unit::Week,
+            _ => return None,
+        })
+    }
+
+    pub fn to_envoy(self) -> i32 {
+        match self {
+            Unit::Second => 1,
+            Unit::Minute => 2,
+            Unit::Hour => 3,
+            Unit::Day => 4,
+            Unit::Month => 5,
+            Unit::Year => 6,
+            Unit::Week => 7,
+        }
+    }
+
+    /// Months and years are fixed lengths (30 and 365 days): a rolling window, not a
+    /// calendar one.
+    pub fn period(self) -> Duration {
+        const DAY: u64 = 86_400;
+        Duration::from_secs(match self {
+            Unit::Second => 1,
+            Unit::Minute => 60,
+            Unit::Hour => 3_600,
+            Unit::Day => DAY,
+            Unit::Week => 7 * DAY,
+            Unit::Month => 30 * DAY,
+            Unit::Year => 365 * DAY,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Limit {
+    pub requests_per_unit: u32,
+    pub unit: Unit,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envoy_units_round_trip() {
+        for v in 1..=7 {
+            assert_eq!(Unit::from_envoy(v).unwrap().to_envoy(), v);
+        }
+        assert_eq!(Unit::from_envoy(0), None);
+        assert_eq!(Unit::Minute.period(), Duration::from_secs(60));
+    }
+}

@@ -1,0 +1,67 @@
+//! Renders `envoy/tollgate.yaml.tmpl` with concrete ports and paths.
+
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone)]
+pub struct EnvoyPorts {
+    pub listen: u16,
+    pub admin: u16,
+    pub authz: (String, u16),
+    pub ratelimit: (String, u16),
+    pub model: (String, u16),
+}
+
+/// Replaces every `{{NAME}}`; an unknown or leftover placeholder is an error.
+pub fn render(template: &str, vars: &BTreeMap<&str, String>) -> Result<String, String> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find("}}")
+            .ok_or_else(|| "unterminated {{ in template".to_string())?;
+        let name = &after[..end];
+        let value = vars
+            .get(name)
+            .ok_or_else(|| format!("template placeholder {{{{{name}}}}} has no value"))?;
+        out.push_str(value);
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+pub fn vars(
+    ports: &EnvoyPorts,
+    wasm_path: &str,
+    filter_config: &str,
+) -> BTreeMap<&'static str, String> {
+    let mut v = BTreeMap::new();
+    v.insert("LISTEN_PORT", ports.listen.to_string());
+    v.insert("ADMIN_PORT", ports.admin.to_string());
+    v.insert("AUTHZ_HOST", ports.authz.0.clone());
+    v.insert("AUTHZ_PORT", ports.authz.1.to_string());
+    v.insert("RLS_HOST", ports.ratelimit.0.clone());
+    v.insert("RLS_PORT", ports.ratelimit.1.to_string());
+    v.insert("MODEL_HOST", ports.model.0.clone());
+    v.insert("MODEL_PORT", ports.model.1.to_string());
+    v.insert("WASM_PATH", wasm_path.to_string());
+    // Inside a single-quoted YAML scalar a quote is written twice.
+    v.insert("FILTER_CONFIG", filter_config.replace('\'', "''"));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_replaced_and_missing_ones_fail() {
+        let mut v = BTreeMap::new();
+        v.insert("A", "1".to_string());
+        assert_eq!(render("x{{A}}y{{A}}", &v).unwrap(), "x1y1");
+        assert!(render("{{B}}", &v).is_err());
+        assert!(render("{{A", &v).is_err());
+    }
+}

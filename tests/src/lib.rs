@@ -1,0 +1,8 @@
+//! End-to-end harness: starts real Envoy, tollgate-authz, tollgate-ratelimit and the mock
+//! model server on free loopback ports, and tears them all down when dropped.
+
+pub mod envoy_config;
+pub mod http;
+pub mod paths;
+pub mod process;
+pub mod stack;
