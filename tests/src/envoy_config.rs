@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 #[derive(Debug, Clone)]
 pub struct EnvoyPorts {
+    /// Listener and admin bind address: loopback locally, all interfaces in a container.
+    pub listen_addr: String,
     pub listen: u16,
     pub admin: u16,
     pub authz: (String, u16),
@@ -38,6 +40,7 @@ pub fn vars(
     filter_config: &str,
 ) -> BTreeMap<&'static str, String> {
     let mut v = BTreeMap::new();
+    v.insert("LISTEN_ADDR", ports.listen_addr.clone());
     v.insert("LISTEN_PORT", ports.listen.to_string());
     v.insert("ADMIN_PORT", ports.admin.to_string());
     v.insert("AUTHZ_HOST", ports.authz.0.clone());
@@ -50,6 +53,27 @@ pub fn vars(
     // Inside a single-quoted YAML scalar a quote is written twice.
     v.insert("FILTER_CONFIG", filter_config.replace('\'', "''"));
     v
+}
+
+/// The values behind `envoy/envoy.compose.yaml`: service names and ports of
+/// docker-compose.yml. `tollgate-dev render-compose` writes the file; a test keeps it in step.
+pub fn compose_vars() -> BTreeMap<&'static str, String> {
+    let ports = EnvoyPorts {
+        listen_addr: "0.0.0.0".into(),
+        listen: 10000,
+        admin: 9901,
+        authz: ("tollgate-authz".into(), 10001),
+        ratelimit: ("tollgate-ratelimit".into(), 10002),
+        model: ("ollama".into(), 11434),
+    };
+    vars(&ports, "/etc/tollgate/tollgate_filter.wasm", "{}")
+}
+
+pub fn render_compose() -> Result<String, String> {
+    let template = std::fs::read_to_string(crate::paths::envoy_template())
+        .map_err(|e| format!("envoy template: {e}"))?;
+    let header = "# Generated from envoy/tollgate.yaml.tmpl by `tollgate-dev render-compose`; do not edit.\n";
+    Ok(format!("{header}{}", render(&template, &compose_vars())?))
 }
 
 #[cfg(test)]

@@ -148,6 +148,7 @@ impl Stack {
         let rls_port = port_of(&ratelimit.wait_for_line("LISTENING ", READY)?)?;
 
         let ports = EnvoyPorts {
+            listen_addr: "127.0.0.1".into(),
             listen: opts.listen_port.unwrap_or_else(free_port),
             admin: opts.admin_port.unwrap_or_else(free_port),
             authz: ("127.0.0.1".into(), authz_port),

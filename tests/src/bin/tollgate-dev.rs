@@ -1,4 +1,4 @@
-//! `make up`: the whole stack on fixed local ports, a first key printed, foreground until
+//! `make up` (and `render-compose`, which writes envoy/envoy.compose.yaml): the whole stack on fixed local ports, a first key printed, foreground until
 //! Ctrl-C or `make down` (SIGTERM), which stop every process it started.
 
 use std::path::PathBuf;
@@ -42,8 +42,18 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
+        Some("render-compose") => match tollgate_e2e::envoy_config::render_compose() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         _ => {
-            eprintln!("usage: tollgate-dev up");
+            eprintln!("usage: tollgate-dev up | render-compose");
             std::process::ExitCode::from(2)
         }
     }

@@ -1,0 +1,253 @@
+//! Static checks of what cannot run here (no Docker engine) and of the Envoy configs:
+//! docker-compose.yml against the Envoy config it mounts, `envoy --mode validate`, and the
+//! fail-closed filter chain.
+
+use serde_yaml::Value;
+use std::collections::BTreeMap;
+use std::process::Command;
+use tollgate_e2e::envoy_config::{self, EnvoyPorts};
+use tollgate_e2e::paths;
+
+fn yaml(text: &str) -> Value {
+    serde_yaml::from_str(text).unwrap_or_else(|e| panic!("invalid YAML: {e}"))
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(paths::workspace_root().join(rel))
+        .unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+fn local_vars() -> BTreeMap<&'static str, String> {
+    let ports = EnvoyPorts {
+        listen_addr: "127.0.0.1".into(),
+        listen: 10000,
+        admin: 9901,
+        authz: ("127.0.0.1".into(), 10001),
+        ratelimit: ("127.0.0.1".into(), 10002),
+        model: ("127.0.0.1".into(), 10003),
+    };
+    envoy_config::vars(&ports, &paths::filter_wasm().display().to_string(), "{}")
+}
+
+fn local_config() -> String {
+    envoy_config::render(&read("envoy/tollgate.yaml.tmpl"), &local_vars()).unwrap()
+}
+
+fn hcm(config: &Value) -> &Value {
+    &config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+}
+
+/// cluster name -> (address, port)
+fn clusters(config: &Value) -> BTreeMap<String, (String, u64)> {
+    let mut out = BTreeMap::new();
+    for c in config["static_resources"]["clusters"]
+        .as_sequence()
+        .unwrap()
+    {
+        let sa = &c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+            ["socket_address"];
+        out.insert(
+            c["name"].as_str().unwrap().to_string(),
+            (
+                sa["address"].as_str().unwrap().to_string(),
+                sa["port_value"].as_u64().unwrap(),
+            ),
+        );
+    }
+    out
+}
+
+fn validate(path: &std::path::Path) {
+    let out = Command::new(paths::envoy())
+        .args(["--mode", "validate", "-c"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "envoy rejected {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn filter_chain_is_authz_wasm_ratelimit_router_and_fails_closed() {
+    let config = yaml(&local_config());
+    let filters: Vec<&str> = hcm(&config)["http_filters"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        filters,
+        [
+            "envoy.filters.http.ext_authz",
+            "envoy.filters.http.wasm",
+            "envoy.filters.http.ratelimit",
+            "envoy.filters.http.router"
+        ]
+    );
+    let f = &hcm(&config)["http_filters"];
+    assert_eq!(
+        f[0]["typed_config"]["failure_mode_allow"],
+        Value::Bool(false)
+    );
+    assert_eq!(
+        f[0]["typed_config"]["status_on_error"]["code"],
+        "ServiceUnavailable"
+    );
+    assert_eq!(
+        f[1]["typed_config"]["config"]["failure_policy"],
+        "FAIL_RELOAD"
+    );
+    assert_eq!(f[2]["typed_config"]["failure_mode_deny"], Value::Bool(true));
+    assert_eq!(
+        f[2]["typed_config"]["status_on_error"]["code"],
+        "ServiceUnavailable"
+    );
+    assert_eq!(
+        hcm(&config)["always_set_request_id_in_response"],
+        Value::Bool(true)
+    );
+}
+
+#[test]
+fn local_and_compose_envoy_configs_pass_envoy_validate() {
+    let dir = std::env::temp_dir().join(format!("tollgate-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let local = dir.join("local.yaml");
+    std::fs::write(&local, local_config()).unwrap();
+    validate(&local);
+    // The compose config names a wasm path inside the image; validate mode opens the file,
+    // so point it at the built one.
+    let compose = read("envoy/envoy.compose.yaml").replace(
+        "/etc/tollgate/tollgate_filter.wasm",
+        &paths::filter_wasm().display().to_string(),
+    );
+    let compose_path = dir.join("compose.yaml");
+    std::fs::write(&compose_path, compose).unwrap();
+    validate(&compose_path);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn compose_envoy_config_is_the_rendered_template() {
+    assert_eq!(
+        read("envoy/envoy.compose.yaml"),
+        envoy_config::render_compose().unwrap(),
+        "envoy/envoy.compose.yaml is stale: run `target/debug/tollgate-dev render-compose > envoy/envoy.compose.yaml`"
+    );
+}
+
+fn port_of_listen(env: &Value, name: &str) -> u64 {
+    env[name]
+        .as_str()
+        .and_then(|s| s.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{name} has no port"))
+}
+
+#[test]
+fn docker_compose_matches_the_envoy_config_it_mounts() {
+    let compose = yaml(&read("docker-compose.yml"));
+    let services = compose["services"].as_mapping().unwrap();
+    let names: Vec<&str> = services.keys().filter_map(|k| k.as_str()).collect();
+    for required in [
+        "envoy",
+        "tollgate-authz",
+        "tollgate-ratelimit",
+        "redis",
+        "postgres",
+        "ollama",
+    ] {
+        assert!(
+            names.contains(&required),
+            "service {required} missing: {names:?}"
+        );
+    }
+    // Every depends_on names a service; every named volume is declared; every bind mount exists.
+    let declared_volumes = compose["volumes"].as_mapping().cloned().unwrap_or_default();
+    for (name, svc) in services {
+        if let Some(deps) = svc["depends_on"].as_mapping() {
+            for d in deps.keys() {
+                assert!(
+                    names.contains(&d.as_str().unwrap()),
+                    "{name:?} depends on unknown {d:?}"
+                );
+            }
+        }
+        for v in svc["volumes"].as_sequence().into_iter().flatten() {
+            let src = v.as_str().unwrap().split(':').next().unwrap();
+            if src.starts_with("./") {
+                assert!(
+                    paths::workspace_root().join(src).exists(),
+                    "{name:?} mounts missing {src}"
+                );
+            } else {
+                assert!(
+                    declared_volumes.contains_key(src),
+                    "{name:?} uses undeclared volume {src}"
+                );
+            }
+        }
+    }
+    for svc in [
+        "envoy",
+        "tollgate-authz",
+        "tollgate-ratelimit",
+        "redis",
+        "postgres",
+    ] {
+        assert!(
+            services[svc]["healthcheck"]["test"].is_sequence(),
+            "{svc} has no healthcheck"
+        );
+    }
+
+    // The Envoy config mounted into the envoy service reaches the services where they listen.
+    let envoy_mount = services["envoy"]["volumes"][0].as_str().unwrap();
+    assert!(envoy_mount.starts_with("./envoy/envoy.compose.yaml:/etc/envoy/envoy.yaml"));
+    let config = yaml(&read("envoy/envoy.compose.yaml"));
+    let c = clusters(&config);
+    let authz_env = &services["tollgate-authz"]["environment"];
+    let rls_env = &services["tollgate-ratelimit"]["environment"];
+    assert_eq!(
+        c["tollgate_authz"],
+        (
+            "tollgate-authz".into(),
+            port_of_listen(authz_env, "TOLLGATE_AUTHZ_LISTEN")
+        )
+    );
+    assert_eq!(
+        c["tollgate_ratelimit"],
+        (
+            "tollgate-ratelimit".into(),
+            port_of_listen(rls_env, "TOLLGATE_RATELIMIT_LISTEN")
+        )
+    );
+    // Ollama's own default port.
+    assert_eq!(c["model"], ("ollama".into(), 11434));
+    let listener = &config["static_resources"]["listeners"][0]["address"]["socket_address"];
+    assert_eq!(listener["address"], "0.0.0.0");
+    let published = services["envoy"]["ports"][0].as_str().unwrap();
+    assert_eq!(
+        published,
+        format!("{0}:{0}", listener["port_value"].as_u64().unwrap())
+    );
+    // The services bind all interfaces inside their containers.
+    assert!(authz_env["TOLLGATE_AUTHZ_LISTEN"]
+        .as_str()
+        .unwrap()
+        .starts_with("0.0.0.0:"));
+    assert!(rls_env["TOLLGATE_RATELIMIT_LISTEN"]
+        .as_str()
+        .unwrap()
+        .starts_with("0.0.0.0:"));
+    // The wasm path Envoy loads is where the Dockerfile puts it.
+    let dockerfile = read("Dockerfile");
+    assert!(dockerfile.contains("/etc/tollgate/tollgate_filter.wasm"));
+    assert!(read("envoy/envoy.compose.yaml")
+        .contains("filename: \"/etc/tollgate/tollgate_filter.wasm\""));
+}
