@@ -4,3 +4,5 @@
 pub mod api_key;
 pub mod error_body;
 pub mod metadata;
+pub mod model_pattern;
+pub mod operation;
