@@ -8,9 +8,22 @@ pub const AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
 pub const KEY_ID: &str = "key_id";
 /// Tenant id (string). Also the rate-limit descriptor key for per-tenant limits.
 pub const TENANT_ID: &str = "tenant_id";
-/// Per-key requests-per-minute override, shaped as Envoy's descriptor limit
-/// override: `{requests_per_unit: <number>, unit: "MINUTE"}`.
-pub const RPM_OVERRIDE: &str = "rpm_override";
+/// The key's model allowlist: comma-separated patterns (`*`, `llama3*`, `local/*`, exact).
+pub const MODELS: &str = "models";
+
+/// Limits, each shaped as Envoy's descriptor limit override
+/// `{requests_per_unit: <number>, unit: "MINUTE" | "DAY" | "MONTH"}` and present only when
+/// set. `key_*` bound one key, `tenant_*` the sum of a tenant's keys.
+pub const KEY_RPM: &str = "key_rpm";
+pub const TENANT_RPM: &str = "tenant_rpm";
+pub const KEY_TPM: &str = "key_tpm";
+pub const TENANT_TPM: &str = "tenant_tpm";
+pub const KEY_BUDGET_DAY: &str = "key_budget_day";
+pub const TENANT_BUDGET_DAY: &str = "tenant_budget_day";
+pub const KEY_BUDGET_MONTH: &str = "key_budget_month";
+pub const TENANT_BUDGET_MONTH: &str = "tenant_budget_month";
+/// Max concurrent requests of a key (string of a number).
+pub const KEY_MAX_CONCURRENT: &str = "key_max_concurrent";
 
 /// Descriptor entry carrying `x-request-id`, so the RLS can put it in its error body.
 /// It identifies the request, not the limit, and is never part of a counter key.

@@ -1,41 +1,50 @@
 //! The ext_authz v3 gRPC service: turns a decision into Envoy's CheckResponse.
 
-use crate::decision::{Authorizer, Denial, Identity, Outcome};
+use crate::credentials::{self, Credentials};
+use crate::decision::{Authorizer, Denial, Identity, Outcome, Request, CREDENTIAL_UNAVAILABLE};
+use crate::policy::Limits;
 use envoy_types::ext_authz::v3::pb::{
-    Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
+    Address, Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
     HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
 };
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use envoy_types::pb::google::rpc;
 use std::collections::HashMap;
+use std::sync::Arc;
 use tollgate_core::{error_body, metadata};
-use tonic::{Request, Response, Status};
+use tonic::{Response, Status};
 
 /// gRPC codes Envoy reads from `CheckResponse.status`.
 const GRPC_OK: i32 = 0;
 const GRPC_PERMISSION_DENIED: i32 = 7;
 const GRPC_UNAUTHENTICATED: i32 = 16;
 const GRPC_UNAVAILABLE: i32 = 14;
+const GRPC_RESOURCE_EXHAUSTED: i32 = 8;
 
 #[derive(Debug, Clone)]
 pub struct CheckService {
-    authorizer: Authorizer,
+    authorizer: Arc<Authorizer>,
+    credentials: Arc<Credentials>,
 }
 
 impl CheckService {
-    pub fn new(authorizer: Authorizer) -> Self {
-        Self { authorizer }
+    pub fn new(authorizer: Arc<Authorizer>, credentials: Arc<Credentials>) -> Self {
+        Self {
+            authorizer,
+            credentials,
+        }
     }
 }
 
-fn header(key: &str, value: &str, action: HeaderAppendAction) -> HeaderValueOption {
+fn header(key: &str, value: &str) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
             key: key.to_string(),
             value: value.to_string(),
             ..Default::default()
         }),
-        append_action: action as i32,
+        // Overwrite replaces any copy the client sent, so these cannot be spoofed.
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
         ..Default::default()
     }
 }
@@ -46,45 +55,88 @@ fn string_value(s: &str) -> Value {
     }
 }
 
+fn limit_value(n: u64, unit: &str) -> Value {
+    let mut limit = HashMap::new();
+    limit.insert(
+        "requests_per_unit".to_string(),
+        Value {
+            kind: Some(Kind::NumberValue(n as f64)),
+        },
+    );
+    limit.insert("unit".to_string(), string_value(unit));
+    Value {
+        kind: Some(Kind::StructValue(Struct { fields: limit })),
+    }
+}
+
+fn insert_limits(fields: &mut HashMap<String, Value>, l: &Limits, names: [&str; 4]) {
+    let [rpm, tpm, day, month] = names;
+    if let Some(n) = l.rpm {
+        fields.insert(rpm.into(), limit_value(n.into(), "MINUTE"));
+    }
+    if let Some(n) = l.tpm {
+        fields.insert(tpm.into(), limit_value(n.into(), "MINUTE"));
+    }
+    if let Some(n) = l.budget_day {
+        fields.insert(day.into(), limit_value(n, "DAY"));
+    }
+    if let Some(n) = l.budget_month {
+        fields.insert(month.into(), limit_value(n, "MONTH"));
+    }
+}
+
 /// Dynamic metadata for the filter and the rate limiter. Descriptor values must be
-/// strings; the RPM override must be the `{requests_per_unit, unit}` struct Envoy expects.
+/// strings; limits must be the `{requests_per_unit, unit}` struct Envoy expects.
 pub fn identity_metadata(id: &Identity) -> Struct {
+    use metadata::*;
     let mut fields = HashMap::new();
-    fields.insert(metadata::KEY_ID.to_string(), string_value(&id.key_id));
-    fields.insert(metadata::TENANT_ID.to_string(), string_value(&id.tenant_id));
-    if let Some(rpm) = id.rpm {
-        let mut limit = HashMap::new();
-        limit.insert(
-            "requests_per_unit".to_string(),
-            Value {
-                kind: Some(Kind::NumberValue(f64::from(rpm))),
-            },
-        );
-        limit.insert("unit".to_string(), string_value("MINUTE"));
-        fields.insert(
-            metadata::RPM_OVERRIDE.to_string(),
-            Value {
-                kind: Some(Kind::StructValue(Struct { fields: limit })),
-            },
-        );
+    fields.insert(KEY_ID.to_string(), string_value(&id.key_id));
+    fields.insert(TENANT_ID.to_string(), string_value(&id.tenant_id));
+    fields.insert(MODELS.to_string(), string_value(&id.policy.models_text()));
+    insert_limits(
+        &mut fields,
+        &id.policy.key_limits,
+        [KEY_RPM, KEY_TPM, KEY_BUDGET_DAY, KEY_BUDGET_MONTH],
+    );
+    insert_limits(
+        &mut fields,
+        &id.policy.tenant_limits,
+        [
+            TENANT_RPM,
+            TENANT_TPM,
+            TENANT_BUDGET_DAY,
+            TENANT_BUDGET_MONTH,
+        ],
+    );
+    if let Some(n) = id.policy.key_limits.max_concurrent {
+        fields.insert(KEY_MAX_CONCURRENT.into(), string_value(&n.to_string()));
     }
     Struct { fields }
 }
 
-pub fn allow_response(id: &Identity) -> CheckResponse {
-    use HeaderAppendAction::OverwriteIfExistsOrAdd as Overwrite;
+pub fn allow_response(
+    id: &Identity,
+    credential: Option<&credentials::Credential>,
+) -> CheckResponse {
+    let mut headers = vec![
+        header(metadata::HEADER_TENANT, &id.tenant_id),
+        header(metadata::HEADER_KEY_ID, &id.key_id),
+    ];
+    let mut headers_to_remove = vec!["authorization".to_string(), "x-api-key".to_string()];
+    if let Some(c) = credential {
+        // Envoy applies removals after additions: the credential's header must not be in
+        // the removal list, and setting it overwrites whatever the client sent.
+        headers_to_remove.retain(|h| *h != c.header);
+        headers.push(header(&c.header, &c.value));
+    }
     CheckResponse {
         status: Some(rpc::Status {
             code: GRPC_OK,
             ..Default::default()
         }),
-        // Overwrite replaces any copy the client sent, so these cannot be spoofed.
         http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-            headers: vec![
-                header(metadata::HEADER_TENANT, &id.tenant_id, Overwrite),
-                header(metadata::HEADER_KEY_ID, &id.key_id, Overwrite),
-            ],
-            headers_to_remove: vec!["authorization".into(), "x-api-key".into()],
+            headers,
+            headers_to_remove,
             ..Default::default()
         })),
         dynamic_metadata: Some(identity_metadata(id)),
@@ -92,18 +144,21 @@ pub fn allow_response(id: &Identity) -> CheckResponse {
 }
 
 pub fn deny_response(denial: Denial, request_id: &str) -> CheckResponse {
-    use HeaderAppendAction::OverwriteIfExistsOrAdd as Overwrite;
     let code = match denial.status {
         401 => GRPC_UNAUTHENTICATED,
+        429 => GRPC_RESOURCE_EXHAUSTED,
         503 => GRPC_UNAVAILABLE,
         _ => GRPC_PERMISSION_DENIED,
     };
     let mut headers = vec![
-        header("content-type", "application/json", Overwrite),
-        header("x-request-id", request_id, Overwrite),
+        header("content-type", "application/json"),
+        header("x-request-id", request_id),
     ];
     if denial.status == 401 {
-        headers.push(header("www-authenticate", "Bearer", Overwrite));
+        headers.push(header("www-authenticate", "Bearer"));
+    }
+    if denial.status == 429 {
+        headers.push(header("retry-after", "60"));
     }
     CheckResponse {
         status: Some(rpc::Status {
@@ -121,44 +176,68 @@ pub fn deny_response(denial: Denial, request_id: &str) -> CheckResponse {
     }
 }
 
-fn request_id(req: &CheckRequest) -> String {
-    let http = req
-        .attributes
-        .as_ref()
-        .and_then(|a| a.request.as_ref())
-        .and_then(|r| r.http.as_ref());
-    http.and_then(|h| h.headers.get("x-request-id").cloned())
-        .or_else(|| http.map(|h| h.id.clone()))
-        .unwrap_or_default()
+fn peer_address(req: &CheckRequest) -> Option<&str> {
+    let addr = req.attributes.as_ref()?.source.as_ref()?.address.as_ref()?;
+    match addr.address.as_ref()? {
+        Address::SocketAddress(s) => Some(s.address.as_str()),
+        _ => None,
+    }
+}
+
+impl CheckService {
+    pub async fn decide(&self, req: &CheckRequest) -> CheckResponse {
+        let empty = HashMap::new();
+        let http = req
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref());
+        let headers = http.map(|h| &h.headers).unwrap_or(&empty);
+        let rid = headers
+            .get("x-request-id")
+            .cloned()
+            .or_else(|| http.map(|h| h.id.clone()))
+            .unwrap_or_default();
+        let request = Request {
+            headers,
+            path: http.map(|h| h.path.as_str()).unwrap_or(""),
+            peer: peer_address(req),
+        };
+        let wanted_credential = req
+            .attributes
+            .as_ref()
+            .and_then(|a| a.context_extensions.get(credentials::CONTEXT_KEY))
+            .filter(|n| !n.is_empty());
+        match self.authorizer.authorize(request).await {
+            Outcome::Allow(id) => {
+                let credential = match wanted_credential {
+                    Some(name) => match self.credentials.get(name) {
+                        Some(c) => Some(c),
+                        None => {
+                            tracing::error!(credential = %name, "route names an unknown credential");
+                            return deny_response(CREDENTIAL_UNAVAILABLE, &rid);
+                        }
+                    },
+                    None => None,
+                };
+                tracing::debug!(request_id = %rid, key_id = %id.key_id, "allow");
+                allow_response(&id, credential)
+            }
+            Outcome::Deny(d) => {
+                tracing::info!(request_id = %rid, code = d.code, status = d.status, "deny");
+                deny_response(d, &rid)
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]
 impl Authorization for CheckService {
     async fn check(
         &self,
-        request: Request<CheckRequest>,
+        request: tonic::Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let req = request.into_inner();
-        let rid = request_id(&req);
-        let empty = HashMap::new();
-        let headers = req
-            .attributes
-            .as_ref()
-            .and_then(|a| a.request.as_ref())
-            .and_then(|r| r.http.as_ref())
-            .map(|h| &h.headers)
-            .unwrap_or(&empty);
-        let response = match self.authorizer.authorize(headers).await {
-            Outcome::Allow(id) => {
-                tracing::debug!(request_id = %rid, key_id = %id.key_id, "allow");
-                allow_response(&id)
-            }
-            Outcome::Deny(d) => {
-                tracing::info!(request_id = %rid, code = d.code, status = d.status, "deny");
-                deny_response(d, &rid)
-            }
-        };
-        Ok(Response::new(response))
+        Ok(Response::new(self.decide(request.get_ref()).await))
     }
 }
 
@@ -166,15 +245,50 @@ impl Authorization for CheckService {
 mod tests {
     use super::*;
     use crate::decision::{INVALID_KEY, STORE_UNAVAILABLE};
+    use crate::policy::{effective, PolicyRow};
 
-    #[test]
-    fn allow_carries_string_metadata_and_rpm_struct() {
-        let id = Identity {
+    fn identity() -> Identity {
+        let tenant = PolicyRow {
+            models: Some("llama3*,local/*".into()),
+            limits: Limits {
+                rpm: Some(100),
+                tpm: Some(5000),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let key = PolicyRow {
+            limits: Limits {
+                rpm: Some(3),
+                budget_day: Some(10_000),
+                max_concurrent: Some(2),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Identity {
             key_id: "key_1".into(),
             tenant_id: "ten_1".into(),
-            rpm: Some(3),
+            policy: effective(&tenant, Some(&key)),
+        }
+    }
+
+    fn limit(v: &Value) -> (f64, String) {
+        let Some(Kind::StructValue(s)) = &v.kind else {
+            panic!("limit must be a struct: {v:?}")
         };
-        let r = allow_response(&id);
+        let Some(Kind::NumberValue(n)) = s.fields["requests_per_unit"].kind else {
+            panic!("requests_per_unit must be a number")
+        };
+        let Some(Kind::StringValue(u)) = &s.fields["unit"].kind else {
+            panic!("unit must be a string")
+        };
+        (n, u.clone())
+    }
+
+    #[test]
+    fn allow_carries_string_ids_models_and_limit_structs() {
+        let r = allow_response(&identity(), None);
         assert_eq!(r.status.unwrap().code, GRPC_OK);
         let md = r.dynamic_metadata.unwrap().fields;
         assert_eq!(md["key_id"].kind, Some(Kind::StringValue("key_1".into())));
@@ -182,21 +296,41 @@ mod tests {
             md["tenant_id"].kind,
             Some(Kind::StringValue("ten_1".into()))
         );
-        let Some(Kind::StructValue(limit)) = &md["rpm_override"].kind else {
-            panic!("rpm_override must be a struct")
-        };
         assert_eq!(
-            limit.fields["requests_per_unit"].kind,
-            Some(Kind::NumberValue(3.0))
+            md["models"].kind,
+            Some(Kind::StringValue("llama3*,local/*".into()))
         );
+        assert_eq!(limit(&md["key_rpm"]), (3.0, "MINUTE".into()));
+        assert_eq!(limit(&md["tenant_rpm"]), (100.0, "MINUTE".into()));
+        assert_eq!(limit(&md["tenant_tpm"]), (5000.0, "MINUTE".into()));
+        assert_eq!(limit(&md["key_budget_day"]), (10_000.0, "DAY".into()));
         assert_eq!(
-            limit.fields["unit"].kind,
-            Some(Kind::StringValue("MINUTE".into()))
+            md["key_max_concurrent"].kind,
+            Some(Kind::StringValue("2".into()))
         );
+        assert!(!md.contains_key("key_tpm"));
         let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
             panic!("ok response expected")
         };
         assert!(ok.headers_to_remove.contains(&"authorization".to_string()));
+        assert!(ok.headers_to_remove.contains(&"x-api-key".to_string()));
+    }
+
+    #[test]
+    fn credential_replaces_client_authorization() {
+        let c = credentials::Credential {
+            header: "authorization".into(),
+            value: "Bearer sk-up".into(),
+        };
+        let r = allow_response(&identity(), Some(&c));
+        let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
+            panic!("ok response expected")
+        };
+        assert!(!ok.headers_to_remove.contains(&"authorization".to_string()));
+        assert!(ok.headers.iter().any(|h| h
+            .header
+            .as_ref()
+            .is_some_and(|h| h.key == "authorization" && h.value == "Bearer sk-up")));
     }
 
     #[test]

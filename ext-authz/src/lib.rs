@@ -1,8 +1,17 @@
-//! tollgate-authz: decides who is calling (API key → tenant) for Envoy's ext_authz v3,
-//! and the admin operations that create tenants and keys.
+//! tollgate-authz: decides who is calling (API key → tenant → policy) for Envoy's ext_authz
+//! v3, and the admin operations on tenants, keys and policies.
 
 pub mod api_key;
+pub mod authz_config;
 pub mod check_service;
+pub mod client_ip;
+pub mod credentials;
 pub mod decision;
+pub mod failure_throttle;
+pub mod ip_net;
+pub mod key_cache;
+pub mod key_events;
 pub mod key_store;
+pub mod policy;
+pub mod static_keys;
 pub mod time;

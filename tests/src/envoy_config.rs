@@ -8,9 +8,23 @@ pub struct EnvoyPorts {
     pub listen_addr: String,
     pub listen: u16,
     pub admin: u16,
-    pub authz: (String, u16),
+    /// One or more tollgate-authz replicas.
+    pub authz: Vec<(String, u16)>,
     pub ratelimit: (String, u16),
     pub model: (String, u16),
+    /// Credential tollgate-authz injects for the model route (`""` = none).
+    pub model_credential: String,
+}
+
+/// A YAML flow list of `lb_endpoints` entries.
+fn endpoints(hosts: &[(String, u16)]) -> String {
+    let items: Vec<String> = hosts
+        .iter()
+        .map(|(h, p)| {
+            format!("{{endpoint: {{address: {{socket_address: {{address: \"{h}\", port_value: {p}}}}}}}}}")
+        })
+        .collect();
+    format!("[{}]", items.join(", "))
 }
 
 /// Replaces every `{{NAME}}`; an unknown or leftover placeholder is an error.
@@ -43,13 +57,13 @@ pub fn vars(
     v.insert("LISTEN_ADDR", ports.listen_addr.clone());
     v.insert("LISTEN_PORT", ports.listen.to_string());
     v.insert("ADMIN_PORT", ports.admin.to_string());
-    v.insert("AUTHZ_HOST", ports.authz.0.clone());
-    v.insert("AUTHZ_PORT", ports.authz.1.to_string());
+    v.insert("AUTHZ_ENDPOINTS", endpoints(&ports.authz));
     v.insert("RLS_HOST", ports.ratelimit.0.clone());
     v.insert("RLS_PORT", ports.ratelimit.1.to_string());
     v.insert("MODEL_HOST", ports.model.0.clone());
     v.insert("MODEL_PORT", ports.model.1.to_string());
     v.insert("WASM_PATH", wasm_path.to_string());
+    v.insert("MODEL_CREDENTIAL", ports.model_credential.clone());
     // Inside a single-quoted YAML scalar a quote is written twice.
     v.insert("FILTER_CONFIG", filter_config.replace('\'', "''"));
     v
@@ -62,9 +76,10 @@ pub fn compose_vars() -> BTreeMap<&'static str, String> {
         listen_addr: "0.0.0.0".into(),
         listen: 10000,
         admin: 9901,
-        authz: ("tollgate-authz".into(), 10001),
+        authz: vec![("tollgate-authz".into(), 10001)],
         ratelimit: ("tollgate-ratelimit".into(), 10002),
         model: ("ollama".into(), 11434),
+        model_credential: String::new(),
     };
     vars(&ports, "/etc/tollgate/tollgate_filter.wasm", "{}")
 }

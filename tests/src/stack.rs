@@ -23,6 +23,16 @@ pub struct StackOptions {
     /// State directory (SQLite file, rendered config, logs); a temp dir when `None`.
     pub dir: Option<PathBuf>,
     pub filter_config: String,
+    /// Key store URL; a SQLite file in the state directory when `None`.
+    pub database_url: Option<String>,
+    /// How many tollgate-authz replicas Envoy balances over.
+    pub authz_replicas: usize,
+    /// tollgate-authz YAML configuration, written to `authz.yaml`.
+    pub authz_config: Option<String>,
+    /// Extra environment for tollgate-authz (e.g. provider credentials).
+    pub authz_env: Vec<(String, String)>,
+    /// Credential name the model route asks tollgate-authz to inject.
+    pub model_credential: String,
 }
 
 impl Default for StackOptions {
@@ -36,6 +46,11 @@ impl Default for StackOptions {
             mock_port: None,
             dir: None,
             filter_config: "{}".into(),
+            database_url: None,
+            authz_replicas: 1,
+            authz_config: None,
+            authz_env: Vec::new(),
+            model_credential: String::new(),
         }
     }
 }
@@ -48,7 +63,7 @@ pub struct Stack {
     pub admin_port: u16,
     pub model_port: u16,
     pub mock: Option<Proc>,
-    pub authz: Proc,
+    pub authz: Vec<Proc>,
     pub ratelimit: Proc,
     pub envoy: Proc,
     temp: bool,
@@ -115,7 +130,10 @@ impl Stack {
             }
             None => (temp_dir()?, true),
         };
-        let database_url = format!("sqlite://{}", dir.join("tollgate.db").display());
+        let database_url = opts
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", dir.join("tollgate.db").display()));
 
         let (mock, model) = match &opts.model {
             Some(m) => (None, m.clone()),
@@ -129,15 +147,45 @@ impl Stack {
             }
         };
 
-        let mut cmd = Command::new(paths::binary("tollgate-authz"));
-        cmd.args([
-            "--listen",
-            &format!("127.0.0.1:{}", opts.authz_port.unwrap_or(0)),
-            "--database-url",
-            &database_url,
-        ]);
-        let mut authz = Proc::spawn("tollgate-authz", cmd, &dir)?;
-        let authz_port = port_of(&authz.wait_for_line("LISTENING ", READY)?)?;
+        let authz_config = match &opts.authz_config {
+            Some(text) => {
+                let p = dir.join("authz.yaml");
+                std::fs::write(&p, text).map_err(|e| format!("authz config: {e}"))?;
+                Some(p)
+            }
+            None => None,
+        };
+        let mut authz = Vec::new();
+        let mut authz_ports = Vec::new();
+        for i in 0..opts.authz_replicas.max(1) {
+            let mut cmd = Command::new(paths::binary("tollgate-authz"));
+            let port = if i == 0 {
+                opts.authz_port.unwrap_or(0)
+            } else {
+                0
+            };
+            cmd.args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--database-url",
+                &database_url,
+            ]);
+            if let Some(p) = &authz_config {
+                cmd.arg("--config").arg(p);
+            }
+            cmd.envs(opts.authz_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            let name = if i == 0 {
+                "tollgate-authz".to_string()
+            } else {
+                format!("tollgate-authz-{i}")
+            };
+            let mut p = Proc::spawn(&name, cmd, &dir)?;
+            authz_ports.push((
+                "127.0.0.1".to_string(),
+                port_of(&p.wait_for_line("LISTENING ", READY)?)?,
+            ));
+            authz.push(p);
+        }
 
         let mut cmd = Command::new(paths::binary("tollgate-ratelimit"));
         cmd.args([
@@ -151,9 +199,10 @@ impl Stack {
             listen_addr: "127.0.0.1".into(),
             listen: opts.listen_port.unwrap_or_else(free_port),
             admin: opts.admin_port.unwrap_or_else(free_port),
-            authz: ("127.0.0.1".into(), authz_port),
+            authz: authz_ports,
             ratelimit: ("127.0.0.1".into(), rls_port),
             model: model.clone(),
+            model_credential: opts.model_credential.clone(),
         };
         let template = std::fs::read_to_string(paths::envoy_template())
             .map_err(|e| format!("envoy template: {e}"))?;
@@ -225,6 +274,12 @@ impl Stack {
         }
     }
 
+    pub fn kill_authz(&mut self) {
+        for a in &mut self.authz {
+            a.kill();
+        }
+    }
+
     /// Requests the mock model server recorded, oldest first.
     pub fn mock_requests(&self) -> Result<Vec<serde_json::Value>, String> {
         let r = crate::http::get(self.model_port, "/__mock/requests", &[])?;
@@ -242,15 +297,11 @@ impl Stack {
     /// Every process's log, for failure messages.
     pub fn logs(&self) -> String {
         let mut s = String::new();
-        for p in [
-            Some(&self.envoy),
-            Some(&self.authz),
-            Some(&self.ratelimit),
-            self.mock.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        let procs = [&self.envoy, &self.ratelimit]
+            .into_iter()
+            .chain(self.authz.iter())
+            .chain(self.mock.iter());
+        for p in procs {
             s.push_str(&format!("==== {} ====\n{}\n", p.name, p.log_text()));
         }
         s
@@ -260,7 +311,9 @@ impl Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         self.envoy.kill();
-        self.authz.kill();
+        for a in &mut self.authz {
+            a.kill();
+        }
         self.ratelimit.kill();
         if let Some(m) = self.mock.as_mut() {
             m.kill();

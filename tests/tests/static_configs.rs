@@ -22,9 +22,10 @@ fn local_vars() -> BTreeMap<&'static str, String> {
         listen_addr: "127.0.0.1".into(),
         listen: 10000,
         admin: 9901,
-        authz: ("127.0.0.1".into(), 10001),
+        authz: vec![("127.0.0.1".into(), 10001)],
         ratelimit: ("127.0.0.1".into(), 10002),
         model: ("127.0.0.1".into(), 10003),
+        model_credential: String::new(),
     };
     envoy_config::vars(&ports, &paths::filter_wasm().display().to_string(), "{}")
 }

@@ -1,23 +1,26 @@
-//! tollgate-admin: manage tenants and keys in the key store.
+//! tollgate-admin: manage tenants, keys and policies in the key store.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
 use tollgate_authz::api_key;
-use tollgate_authz::key_store::SqliteKeyStore;
+use tollgate_authz::key_store::{KeyInfo, KeyStore, Scope, StoreError, Tenant};
+use tollgate_authz::policy::{self, PolicyRow};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "tollgate-admin",
-    about = "Manage Tollgate tenants and API keys"
+    about = "Manage Tollgate tenants, API keys and policies"
 )]
 struct Cli {
-    /// Key store URL, e.g. sqlite://.tollgate/tollgate.db
+    /// Key store URL: sqlite://path or postgres://…
     #[arg(
         long,
         env = "TOLLGATE_DATABASE_URL",
-        default_value = "sqlite://.tollgate/tollgate.db"
+        default_value = "sqlite://.tollgate/tollgate.db",
+        global = true
     )]
     database_url: String,
-    /// Print JSON instead of text.
+    /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -28,43 +31,120 @@ struct Cli {
 enum Command {
     /// Apply database migrations.
     Migrate,
-    /// Tenant operations.
+    /// Tenants: create, list, disable, enable.
     Tenant {
         #[command(subcommand)]
         command: TenantCommand,
     },
-    /// API key operations.
+    /// API keys: create, list, revoke, rotate.
     Key {
         #[command(subcommand)]
         command: KeyCommand,
+    },
+    /// Policies of a tenant or a key: set, show.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
     },
 }
 
 #[derive(Subcommand, Debug)]
 enum TenantCommand {
-    /// Create a tenant.
-    Create { name: String },
+    Create {
+        name: String,
+        /// Free-form labels, e.g. team=ml,env=prod.
+        #[arg(long, default_value = "")]
+        labels: String,
+    },
+    List,
+    Disable {
+        name: String,
+    },
+    Enable {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum KeyCommand {
-    /// Create a key; the key is printed once and never stored.
+    /// Create a key; it is printed once and never stored.
     Create {
-        /// Tenant name.
         #[arg(long)]
         tenant: String,
-        /// A name for the key (who or what uses it).
+        /// Who or what uses the key.
         #[arg(long)]
         name: String,
-        /// Requests per minute for this key.
+        #[arg(long, default_value = "")]
+        labels: String,
+        /// Expiry as unix seconds.
+        #[arg(long, conflicts_with = "expires_in")]
+        expires_at: Option<i64>,
+        /// Expiry as seconds from now.
+        #[arg(long)]
+        expires_in: Option<i64>,
+        /// Requests per minute for this key (shortcut for `policy set --key`).
         #[arg(long)]
         rpm: Option<u32>,
-        /// Expiry as unix seconds.
-        #[arg(long)]
-        expires_at: Option<i64>,
     },
-    /// Revoke a key by id.
-    Revoke { key_id: String },
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    Revoke {
+        key_id: String,
+    },
+    /// Issue a new key for the same tenant and policy; the old one keeps working for the
+    /// grace period, then expires.
+    Rotate {
+        key_id: String,
+        /// Seconds the old key stays valid.
+        #[arg(long, default_value_t = 3600)]
+        grace: i64,
+    },
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+struct Subject {
+    #[arg(long)]
+    tenant: Option<String>,
+    #[arg(long)]
+    key: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    Set {
+        #[command(flatten)]
+        subject: Subject,
+        /// Model patterns, comma-separated: exact names, `llama3*`, `local/*`, or `*`.
+        #[arg(long)]
+        models: Option<String>,
+        /// Operations: chat, completions, embeddings, models, audio, images, moderation, other, or `*`.
+        #[arg(long)]
+        operations: Option<String>,
+        /// Source IPs/CIDRs allowed, comma-separated.
+        #[arg(long)]
+        ips: Option<String>,
+        #[arg(long)]
+        rpm: Option<u32>,
+        #[arg(long)]
+        tpm: Option<u32>,
+        #[arg(long)]
+        budget_day: Option<u64>,
+        #[arg(long)]
+        budget_month: Option<u64>,
+        #[arg(long)]
+        max_concurrent: Option<u32>,
+        /// Fields to clear (inherit / no limit): models, operations, ips, rpm, tpm,
+        /// budget-day, budget-month, max-concurrent.
+        #[arg(long, value_delimiter = ',')]
+        unset: Vec<String>,
+    },
+    Show {
+        #[command(flatten)]
+        subject: Subject,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -79,65 +159,354 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
-    let store = SqliteKeyStore::connect(&cli.database_url).await?;
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn fmt_time(t: Option<i64>) -> String {
+    t.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(headers.iter().map(|h| h.to_string()).collect()));
+    for r in rows {
+        println!("{}", line(r.clone()));
+    }
+}
+
+fn tenant_json(t: &Tenant) -> Value {
+    json!({"id": t.id, "name": t.name, "status": t.status, "labels": t.labels, "created_at": t.created_at})
+}
+
+fn key_json(k: &KeyInfo) -> Value {
+    json!({"id": k.id, "prefix": k.prefix, "name": k.name, "tenant_id": k.tenant_id,
+           "tenant": k.tenant_name, "labels": k.labels, "created_at": k.created_at,
+           "expires_at": k.expires_at, "revoked_at": k.revoked_at,
+           "last_used_at": k.last_used_at, "rotated_to": k.rotated_to})
+}
+
+fn policy_json(p: &PolicyRow) -> Value {
+    json!({"models": p.models, "operations": p.operations, "ips": p.ips,
+           "rpm": p.limits.rpm, "tpm": p.limits.tpm, "budget_day": p.limits.budget_day,
+           "budget_month": p.limits.budget_month, "max_concurrent": p.limits.max_concurrent})
+}
+
+async fn tenant_named(store: &KeyStore, name: &str) -> Res<Tenant> {
+    Ok(store
+        .tenant_by_name(name)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("tenant {name:?}")))?)
+}
+
+async fn subject(store: &KeyStore, s: &Subject) -> Res<(Scope, String)> {
+    match (&s.tenant, &s.key) {
+        (Some(t), _) => Ok((Scope::Tenant, tenant_named(store, t).await?.id)),
+        (_, Some(k)) => {
+            store
+                .key_info(k)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("key {k:?}")))?;
+            Ok((Scope::Key, k.clone()))
+        }
+        _ => Err("name --tenant or --key".into()),
+    }
+}
+
+/// Creates the key row and prints the key once.
+async fn issue_key(
+    store: &KeyStore,
+    json_out: bool,
+    tenant: &Tenant,
+    name: &str,
+    labels: &str,
+    expires_at: Option<i64>,
+) -> Res<String> {
+    let new = tokio::task::spawn_blocking(api_key::generate).await??;
+    let id = store
+        .insert_key(&tenant.id, name, labels, &new.prefix, &new.hash, expires_at)
+        .await?;
+    if json_out {
+        println!(
+            "{}",
+            json!({"id": id, "tenant_id": tenant.id, "tenant": tenant.name, "name": name,
+                   "prefix": new.prefix, "expires_at": expires_at, "key": new.full_key})
+        );
+    } else {
+        println!(
+            "key {id} created for tenant {}; it is shown only once:",
+            tenant.name
+        );
+        println!("TOLLGATE_API_KEY={}", new.full_key);
+    }
+    Ok(id)
+}
+
+async fn run(cli: Cli) -> Res<()> {
+    let store = KeyStore::connect(&cli.database_url).await?;
     store.migrate().await?;
+    let j = cli.json;
     match cli.command {
         Command::Migrate => println!("migrations applied"),
-        Command::Tenant {
-            command: TenantCommand::Create { name },
-        } => {
-            let t = store.create_tenant(&name).await?;
-            if cli.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"id": t.id, "name": t.name, "status": t.status})
-                );
-            } else {
-                println!("tenant {} created (id {})", t.name, t.id);
+        Command::Tenant { command } => match command {
+            TenantCommand::Create { name, labels } => {
+                let t = store.create_tenant(&name, &labels).await?;
+                if j {
+                    println!("{}", tenant_json(&t));
+                } else {
+                    println!("tenant {} created (id {})", t.name, t.id);
+                }
             }
-        }
-        Command::Key {
-            command:
-                KeyCommand::Create {
-                    tenant,
-                    name,
-                    rpm,
-                    expires_at,
-                },
-        } => {
-            let t = store
-                .tenant_by_name(&tenant)
-                .await?
-                .ok_or_else(|| format!("no tenant named {tenant:?}"))?;
-            if rpm == Some(0) {
-                return Err("--rpm must be at least 1".into());
+            TenantCommand::List => {
+                let all = store.list_tenants().await?;
+                if j {
+                    println!("{}", Value::Array(all.iter().map(tenant_json).collect()));
+                } else {
+                    let rows: Vec<Vec<String>> = all
+                        .iter()
+                        .map(|t| {
+                            vec![
+                                t.id.clone(),
+                                t.name.clone(),
+                                t.status.clone(),
+                                t.labels.clone(),
+                            ]
+                        })
+                        .collect();
+                    print_table(&["ID", "NAME", "STATUS", "LABELS"], &rows);
+                }
             }
-            let new = tokio::task::spawn_blocking(api_key::generate).await??;
-            let id = store
-                .insert_key(&t.id, &name, &new.prefix, &new.hash, rpm, expires_at)
-                .await?;
-            if cli.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"id": id, "tenant_id": t.id, "name": name, "key": new.full_key})
-                );
-            } else {
-                println!(
-                    "key {id} created for tenant {}; it is shown only once:",
-                    t.name
-                );
-                println!("TOLLGATE_API_KEY={}", new.full_key);
+            TenantCommand::Disable { name } => {
+                let t = store.set_tenant_status(&name, "disabled").await?;
+                if j {
+                    println!("{}", tenant_json(&t))
+                } else {
+                    println!("tenant {} disabled", t.name)
+                }
             }
-        }
-        Command::Key {
-            command: KeyCommand::Revoke { key_id },
-        } => {
-            if !store.revoke_key(&key_id).await? {
-                return Err(format!("no active key with id {key_id:?}").into());
+            TenantCommand::Enable { name } => {
+                let t = store.set_tenant_status(&name, "active").await?;
+                if j {
+                    println!("{}", tenant_json(&t))
+                } else {
+                    println!("tenant {} enabled", t.name)
+                }
             }
-            println!("key {key_id} revoked");
-        }
+        },
+        Command::Key { command } => match command {
+            KeyCommand::Create {
+                tenant,
+                name,
+                labels,
+                expires_at,
+                expires_in,
+                rpm,
+            } => {
+                let t = tenant_named(&store, &tenant).await?;
+                if rpm == Some(0) {
+                    return Err("--rpm must be at least 1".into());
+                }
+                let expires_at =
+                    expires_at.or(expires_in.map(|s| tollgate_authz::time::unix_now() + s));
+                let id = issue_key(&store, j, &t, &name, &labels, expires_at).await?;
+                if let Some(rpm) = rpm {
+                    let mut row = PolicyRow::default();
+                    row.limits.rpm = Some(rpm);
+                    store.put_policy(Scope::Key, &id, &row).await?;
+                }
+            }
+            KeyCommand::List { tenant } => {
+                let tenant_id = match tenant {
+                    Some(t) => Some(tenant_named(&store, &t).await?.id),
+                    None => None,
+                };
+                let all = store.list_keys(tenant_id.as_deref()).await?;
+                if j {
+                    println!("{}", Value::Array(all.iter().map(key_json).collect()));
+                } else {
+                    let rows: Vec<Vec<String>> = all
+                        .iter()
+                        .map(|k| {
+                            vec![
+                                k.id.clone(),
+                                format!("tg_{}_…", k.prefix),
+                                k.name.clone(),
+                                k.tenant_name.clone(),
+                                fmt_time(k.expires_at),
+                                fmt_time(k.revoked_at),
+                                fmt_time(k.last_used_at),
+                            ]
+                        })
+                        .collect();
+                    print_table(
+                        &[
+                            "ID",
+                            "KEY",
+                            "NAME",
+                            "TENANT",
+                            "EXPIRES",
+                            "REVOKED",
+                            "LAST USED",
+                        ],
+                        &rows,
+                    );
+                }
+            }
+            KeyCommand::Revoke { key_id } => {
+                store.revoke_key(&key_id).await?;
+                if j {
+                    println!("{}", json!({"id": key_id, "revoked": true}))
+                } else {
+                    println!("key {key_id} revoked")
+                }
+            }
+            KeyCommand::Rotate { key_id, grace } => {
+                if grace < 0 {
+                    return Err("--grace must not be negative".into());
+                }
+                let old = store
+                    .key_info(&key_id)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound(format!("key {key_id:?}")))?;
+                if old.revoked_at.is_some() {
+                    return Err(format!("key {key_id} is revoked; create a new key instead").into());
+                }
+                let t = Tenant {
+                    id: old.tenant_id.clone(),
+                    name: old.tenant_name.clone(),
+                    status: String::new(),
+                    labels: String::new(),
+                    created_at: 0,
+                };
+                let new_id =
+                    issue_key(&store, j, &t, &old.name, &old.labels, old.expires_at).await?;
+                if let Some(p) = store.policy(Scope::Key, &key_id).await? {
+                    store.put_policy(Scope::Key, &new_id, &p).await?;
+                }
+                let until = tollgate_authz::time::unix_now() + grace;
+                store.expire_key_at(&key_id, until, &new_id).await?;
+                if !j {
+                    println!("old key {key_id} stays valid until {until} (unix seconds)");
+                }
+            }
+        },
+        Command::Policy { command } => match command {
+            PolicyCommand::Set {
+                subject: s,
+                models,
+                operations,
+                ips,
+                rpm,
+                tpm,
+                budget_day,
+                budget_month,
+                max_concurrent,
+                unset,
+            } => {
+                let (scope, id) = subject(&store, &s).await?;
+                let mut row = store.policy(scope, &id).await?.unwrap_or_default();
+                if let Some(m) = models {
+                    policy::parse_models(&m)?;
+                    row.models = Some(m);
+                }
+                if let Some(o) = operations {
+                    policy::parse_operations(&o)?;
+                    row.operations = Some(o);
+                }
+                if let Some(i) = ips {
+                    policy::parse_ips(&i)?;
+                    row.ips = Some(i);
+                }
+                let l = &mut row.limits;
+                if rpm.is_some() {
+                    l.rpm = rpm;
+                }
+                if tpm.is_some() {
+                    l.tpm = tpm;
+                }
+                if budget_day.is_some() {
+                    l.budget_day = budget_day;
+                }
+                if budget_month.is_some() {
+                    l.budget_month = budget_month;
+                }
+                if max_concurrent.is_some() {
+                    l.max_concurrent = max_concurrent;
+                }
+                for f in unset {
+                    match f.as_str() {
+                        "models" => row.models = None,
+                        "operations" => row.operations = None,
+                        "ips" => row.ips = None,
+                        "rpm" => row.limits.rpm = None,
+                        "tpm" => row.limits.tpm = None,
+                        "budget-day" => row.limits.budget_day = None,
+                        "budget-month" => row.limits.budget_month = None,
+                        "max-concurrent" => row.limits.max_concurrent = None,
+                        other => return Err(format!("--unset: unknown field {other:?}").into()),
+                    }
+                }
+                if [row.limits.rpm, row.limits.tpm, row.limits.max_concurrent].contains(&Some(0)) {
+                    return Err("limits must be at least 1 (use --unset for no limit)".into());
+                }
+                store.put_policy(scope, &id, &row).await?;
+                if j {
+                    println!("{}", policy_json(&row))
+                } else {
+                    println!("policy of {} {id} updated", scope.as_str())
+                }
+            }
+            PolicyCommand::Show { subject: s } => {
+                let (scope, id) = subject(&store, &s).await?;
+                let row = store.policy(scope, &id).await?.unwrap_or_default();
+                if j {
+                    println!(
+                        "{}",
+                        json!({"scope": scope.as_str(), "id": id, "policy": policy_json(&row)})
+                    );
+                } else {
+                    let show = |o: &Option<String>, unset: &str| {
+                        o.clone().unwrap_or_else(|| unset.to_string())
+                    };
+                    let num =
+                        |o: Option<u64>| o.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+                    let inherit = if scope == Scope::Key {
+                        "(tenant's)"
+                    } else {
+                        "(default)"
+                    };
+                    print_table(
+                        &["FIELD", "VALUE"],
+                        &[
+                            vec!["models".into(), show(&row.models, inherit)],
+                            vec!["operations".into(), show(&row.operations, inherit)],
+                            vec!["ips".into(), show(&row.ips, "(any)")],
+                            vec!["rpm".into(), num(row.limits.rpm.map(u64::from))],
+                            vec!["tpm".into(), num(row.limits.tpm.map(u64::from))],
+                            vec!["budget_day".into(), num(row.limits.budget_day)],
+                            vec!["budget_month".into(), num(row.limits.budget_month)],
+                            vec![
+                                "max_concurrent".into(),
+                                num(row.limits.max_concurrent.map(u64::from)),
+                            ],
+                        ],
+                    );
+                }
+            }
+        },
     }
     Ok(())
 }

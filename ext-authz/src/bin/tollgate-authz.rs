@@ -3,10 +3,18 @@
 use clap::Parser;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
+use tollgate_authz::authz_config::FileConfig;
 use tollgate_authz::check_service::CheckService;
-use tollgate_authz::decision::Authorizer;
-use tollgate_authz::key_store::SqliteKeyStore;
+use tollgate_authz::credentials::Credentials;
+use tollgate_authz::decision::{Authorizer, AuthorizerSettings};
+use tollgate_authz::key_cache::KeyCache;
+use tollgate_authz::key_events;
+use tollgate_authz::key_store::KeyStore;
+use tollgate_authz::static_keys::StaticKeys;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -17,13 +25,16 @@ struct Args {
     /// Address to serve gRPC on (port 0 picks a free port, printed at start).
     #[arg(long, env = "TOLLGATE_AUTHZ_LISTEN", default_value = "127.0.0.1:10001")]
     listen: SocketAddr,
-    /// Key store URL, e.g. sqlite://.tollgate/tollgate.db
+    /// Key store URL: sqlite://path or postgres://…
     #[arg(
         long,
         env = "TOLLGATE_DATABASE_URL",
         default_value = "sqlite://.tollgate/tollgate.db"
     )]
     database_url: String,
+    /// YAML configuration (trusted proxies, cache, throttling, credentials, static keys).
+    #[arg(long, env = "TOLLGATE_AUTHZ_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -33,8 +44,7 @@ async fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let args = Args::parse();
-    match run(args).await {
+    match run(Args::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -43,14 +53,50 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let store = SqliteKeyStore::connect(&args.database_url).await?;
+    let config = match &args.config {
+        Some(path) => FileConfig::parse(
+            &std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        )?,
+        None => FileConfig::default(),
+    };
+    let credentials = Arc::new(Credentials::from_config(&config.credentials, env)?);
+    let static_keys = StaticKeys::from_config(&config.static_keys, env)?;
+    let store = KeyStore::connect(&args.database_url).await?;
     store.migrate().await?;
+    let cache = Arc::new(KeyCache::new(
+        Duration::from_secs(config.cache_ttl_seconds),
+        config.cache_max_entries,
+    ));
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let authorizer = Arc::new(Authorizer::new(
+        store.clone(),
+        cache.clone(),
+        static_keys,
+        AuthorizerSettings {
+            trusted_proxies: config.trusted_proxy_nets()?,
+            failure_window: Duration::from_secs(config.failure_window_seconds),
+            max_failures_per_ip: config.max_failures_per_ip,
+            max_failures_per_prefix: config.max_failures_per_prefix,
+            argon2_slots: cores,
+        },
+    ));
+    tokio::spawn(key_events::follow(
+        store.clone(),
+        cache,
+        Duration::from_millis(config.event_poll_ms),
+    ));
     let listener = TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     println!("LISTENING {addr}");
-    tracing::info!(%addr, "tollgate-authz serving ext_authz v3");
-    let service = CheckService::new(Authorizer::new(store));
+    tracing::info!(%addr, postgres = store.is_postgres(), "tollgate-authz serving ext_authz v3");
+    let service = CheckService::new(authorizer, credentials);
     tonic::transport::Server::builder()
         .add_service(AuthorizationServer::new(service))
         .serve_with_incoming_shutdown(

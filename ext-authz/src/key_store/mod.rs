@@ -1,28 +1,17 @@
-//! Where keys and tenants live: SQLite by default (PostgreSQL joins in the policy work).
+//! Where tenants, keys, policies and key events live: SQLite (embedded default) or
+//! PostgreSQL, chosen by the URL scheme. One set of SQL serves both: `$n` parameters are
+//! understood by SQLite and PostgreSQL alike, and both migrations define the same columns.
 
-mod sqlite;
+mod rows;
 
-pub use sqlite::SqliteKeyStore;
+use crate::policy::{Limits, PolicyRow};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{PgPool, SqlitePool};
+use std::str::FromStr;
+use std::time::Duration;
 
-/// A key row as the decision needs it. The hash is the argon2id PHC string.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredKey {
-    pub id: String,
-    pub secret_hash: String,
-    pub tenant_id: String,
-    pub tenant_active: bool,
-    pub rpm: Option<u32>,
-    pub expires_at: Option<i64>,
-    pub revoked_at: Option<i64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tenant {
-    pub id: String,
-    pub name: String,
-    pub status: String,
-    pub created_at: i64,
-}
+pub use rows::{KeyInfo, KeyRecord, Tenant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -32,4 +21,427 @@ pub enum StoreError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0} not found")]
+    NotFound(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Tenant,
+    Key,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Tenant => "tenant",
+            Scope::Key => "key",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs the same code against whichever pool this store has; `$p` is the typed pool.
+macro_rules! on_pool {
+    ($pool:expr, |$p:ident| $body:expr) => {
+        match $pool {
+            Pool::Sqlite($p) => $body,
+            Pool::Postgres($p) => $body,
+        }
+    };
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyStore {
+    pool: Pool,
+    url_is_postgres: bool,
+    url: String,
+}
+
+fn new_id(kind: &str) -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{kind}_{hex}")
+}
+
+fn to_i64(v: Option<u64>) -> Option<i64> {
+    v.map(|x| i64::try_from(x).unwrap_or(i64::MAX))
+}
+
+impl KeyStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let opts = PgConnectOptions::from_str(url)?;
+            Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(2))
+                    .connect_with(opts)
+                    .await?,
+            )
+        } else if url.starts_with("sqlite:") {
+            // WAL so the admin CLI can write while the service reads.
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(5));
+            Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(4)
+                    .acquire_timeout(Duration::from_secs(2))
+                    .connect_with(opts)
+                    .await?,
+            )
+        } else {
+            return Err(StoreError::Invalid(
+                "database URL must start with sqlite: or postgres://".into(),
+            ));
+        };
+        Ok(Self {
+            url_is_postgres: matches!(pool, Pool::Postgres(_)),
+            pool,
+            url: url.to_string(),
+        })
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.url_is_postgres
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match &self.pool {
+            Pool::Sqlite(p) => sqlx::migrate!("../migrations/sqlite").run(p).await?,
+            Pool::Postgres(p) => sqlx::migrate!("../migrations/postgres").run(p).await?,
+        }
+        Ok(())
+    }
+
+    /// Whether the store answers at all (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on_pool!(&self.pool, |p| sqlx::query("SELECT 1")
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    /// The key with this prefix, its tenant's status and both policy rows.
+    pub async fn find_key(&self, prefix: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let sql = format!(
+            "SELECT k.id, k.secret_hash, k.tenant_id, k.expires_at, k.revoked_at, t.status, {}, {} \
+             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
+             LEFT JOIN policies tp ON tp.scope = 'tenant' AND tp.subject_id = k.tenant_id \
+             LEFT JOIN policies kp ON kp.scope = 'key' AND kp.subject_id = k.id \
+             WHERE k.prefix = $1",
+            rows::policy_columns("tp"),
+            rows::policy_columns("kp")
+        );
+        on_pool!(&self.pool, |p| {
+            let row = sqlx::query(&sql).bind(prefix).fetch_optional(p).await?;
+            row.map(|r| rows::key_record(&r)).transpose()
+        })
+    }
+
+    async fn record_event(&self, subject_id: &str, kind: &str) -> Result<(), StoreError> {
+        on_pool!(&self.pool, |p| sqlx::query(
+            "INSERT INTO key_events (subject_id, kind, at) VALUES ($1, $2, $3)"
+        )
+        .bind(subject_id)
+        .bind(kind)
+        .bind(crate::time::unix_now())
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    /// Highest event id, where a follower starts.
+    pub async fn last_event_id(&self) -> Result<i64, StoreError> {
+        let id: Option<i64> = on_pool!(&self.pool, |p| sqlx::query_scalar(
+            "SELECT MAX(id) FROM key_events"
+        )
+        .fetch_one(p)
+        .await)?;
+        Ok(id.unwrap_or(0))
+    }
+
+    /// Events after `after`: (id, subject id, kind), oldest first.
+    pub async fn events_since(&self, after: i64) -> Result<Vec<(i64, String, String)>, StoreError> {
+        let rows: Vec<(i64, String, String)> = on_pool!(&self.pool, |p| sqlx::query_as(
+            "SELECT id, subject_id, kind FROM key_events WHERE id > $1 ORDER BY id LIMIT 1000"
+        )
+        .bind(after)
+        .fetch_all(p)
+        .await)?;
+        Ok(rows)
+    }
+
+    pub async fn create_tenant(&self, name: &str, labels: &str) -> Result<Tenant, StoreError> {
+        let name = name.trim();
+        if name.is_empty() || name.len() > 128 {
+            return Err(StoreError::Invalid(
+                "tenant name must be 1..=128 characters".into(),
+            ));
+        }
+        let t = Tenant {
+            id: new_id("ten"),
+            name: name.to_string(),
+            status: "active".into(),
+            labels: labels.to_string(),
+            created_at: crate::time::unix_now(),
+        };
+        on_pool!(&self.pool, |p| {
+            sqlx::query(
+            "INSERT INTO tenants (id, name, status, labels, created_at) VALUES ($1, $2, $3, $4, $5)"
+        )
+        .bind(&t.id)
+        .bind(&t.name)
+        .bind(&t.status)
+        .bind(&t.labels)
+        .bind(t.created_at)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected())
+        })?;
+        Ok(t)
+    }
+
+    pub async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
+        on_pool!(&self.pool, |p| {
+            let row = sqlx::query(
+                "SELECT id, name, status, labels, created_at FROM tenants WHERE name = $1",
+            )
+            .bind(name)
+            .fetch_optional(p)
+            .await?;
+            row.map(|r| rows::tenant(&r)).transpose()
+        })
+    }
+
+    pub async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        on_pool!(&self.pool, |p| {
+            let all = sqlx::query(
+                "SELECT id, name, status, labels, created_at FROM tenants ORDER BY name",
+            )
+            .fetch_all(p)
+            .await?;
+            all.iter().map(rows::tenant).collect()
+        })
+    }
+
+    pub async fn set_tenant_status(&self, name: &str, status: &str) -> Result<Tenant, StoreError> {
+        let t = self
+            .tenant_by_name(name)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("tenant {name:?}")))?;
+        on_pool!(&self.pool, |p| sqlx::query(
+            "UPDATE tenants SET status = $1 WHERE id = $2"
+        )
+        .bind(status)
+        .bind(&t.id)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        self.record_event(&t.id, &format!("tenant_{status}"))
+            .await?;
+        Ok(Tenant {
+            status: status.to_string(),
+            ..t
+        })
+    }
+
+    /// Stores a key row; the caller hashed the secret already. Returns the key id.
+    pub async fn insert_key(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        labels: &str,
+        prefix: &str,
+        secret_hash: &str,
+        expires_at: Option<i64>,
+    ) -> Result<String, StoreError> {
+        let id = new_id("key");
+        on_pool!(&self.pool, |p| {
+            sqlx::query(
+            "INSERT INTO api_keys (id, prefix, secret_hash, name, tenant_id, labels, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        )
+        .bind(&id)
+        .bind(prefix)
+        .bind(secret_hash)
+        .bind(name)
+        .bind(tenant_id)
+        .bind(labels)
+        .bind(crate::time::unix_now())
+        .bind(expires_at)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected())
+        })?;
+        Ok(id)
+    }
+
+    pub async fn key_info(&self, key_id: &str) -> Result<Option<KeyInfo>, StoreError> {
+        let sql = format!("{} WHERE k.id = $1", rows::KEY_INFO_SELECT);
+        on_pool!(&self.pool, |p| {
+            let row = sqlx::query(&sql).bind(key_id).fetch_optional(p).await?;
+            row.map(|r| rows::key_info(&r)).transpose()
+        })
+    }
+
+    pub async fn list_keys(&self, tenant_id: Option<&str>) -> Result<Vec<KeyInfo>, StoreError> {
+        let sql = format!(
+            "{} WHERE ($1 = '' OR k.tenant_id = $1) ORDER BY t.name, k.created_at, k.id",
+            rows::KEY_INFO_SELECT
+        );
+        on_pool!(&self.pool, |p| {
+            let all = sqlx::query(&sql)
+                .bind(tenant_id.unwrap_or(""))
+                .fetch_all(p)
+                .await?;
+            all.iter().map(rows::key_info).collect()
+        })
+    }
+
+    pub async fn revoke_key(&self, key_id: &str) -> Result<(), StoreError> {
+        let done = on_pool!(&self.pool, |p| sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL"
+        )
+        .bind(crate::time::unix_now())
+        .bind(key_id)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        if done != 1 {
+            return Err(StoreError::NotFound(format!("active key {key_id:?}")));
+        }
+        self.record_event(key_id, "key_revoked").await
+    }
+
+    /// Ends a key's life at `expires_at` (rotation's grace period) unless it ends sooner.
+    pub async fn expire_key_at(
+        &self,
+        key_id: &str,
+        expires_at: i64,
+        rotated_to: &str,
+    ) -> Result<(), StoreError> {
+        on_pool!(&self.pool, |p| sqlx::query(
+            "UPDATE api_keys SET expires_at = CASE WHEN expires_at IS NULL OR expires_at > $1 \
+             THEN $1 ELSE expires_at END, rotated_to = $2 WHERE id = $3"
+        )
+        .bind(expires_at)
+        .bind(rotated_to)
+        .bind(key_id)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        self.record_event(key_id, "key_rotated").await
+    }
+
+    pub async fn touch_last_used(&self, key_id: &str, at: i64) -> Result<(), StoreError> {
+        on_pool!(&self.pool, |p| sqlx::query(
+            "UPDATE api_keys SET last_used_at = $1 WHERE id = $2"
+        )
+        .bind(at)
+        .bind(key_id)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    pub async fn policy(
+        &self,
+        scope: Scope,
+        subject_id: &str,
+    ) -> Result<Option<PolicyRow>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM policies p WHERE p.scope = $1 AND p.subject_id = $2",
+            rows::policy_columns("p")
+        );
+        on_pool!(&self.pool, |p| {
+            let row = sqlx::query(&sql)
+                .bind(scope.as_str())
+                .bind(subject_id)
+                .fetch_optional(p)
+                .await?;
+            row.map(|r| rows::policy_row(&r, "p"))
+                .transpose()
+                .map(Option::flatten)
+        })
+    }
+
+    pub async fn put_policy(
+        &self,
+        scope: Scope,
+        subject_id: &str,
+        row: &PolicyRow,
+    ) -> Result<(), StoreError> {
+        let Limits {
+            rpm,
+            tpm,
+            budget_day,
+            budget_month,
+            max_concurrent,
+        } = row.limits;
+        on_pool!(&self.pool, |p| {
+            sqlx::query(
+            "INSERT INTO policies (scope, subject_id, models, operations, ips, rpm, tpm, budget_day, budget_month, max_concurrent) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (scope, subject_id) DO UPDATE SET models = excluded.models, \
+             operations = excluded.operations, ips = excluded.ips, rpm = excluded.rpm, tpm = excluded.tpm, \
+             budget_day = excluded.budget_day, budget_month = excluded.budget_month, \
+             max_concurrent = excluded.max_concurrent"
+        )
+        .bind(scope.as_str())
+        .bind(subject_id)
+        .bind(&row.models)
+        .bind(&row.operations)
+        .bind(&row.ips)
+        .bind(rpm.map(i64::from))
+        .bind(tpm.map(i64::from))
+        .bind(to_i64(budget_day))
+        .bind(to_i64(budget_month))
+        .bind(max_concurrent.map(i64::from))
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected())
+        })?;
+        self.record_event(subject_id, "policy_changed").await
+    }
+
+    /// Raw rows of every table, for tests that check no secret is stored.
+    pub async fn dump_text(&self) -> Result<String, StoreError> {
+        let mut out = String::new();
+        for t in ["tenants", "api_keys", "policies", "key_events"] {
+            let sql = format!("SELECT * FROM {t}");
+            let text = on_pool!(&self.pool, |p| {
+                let all = sqlx::query(&sql).fetch_all(p).await?;
+                Ok::<_, StoreError>(
+                    all.iter()
+                        .map(rows::debug_row)
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                )
+            })?;
+            out.push_str(&text);
+            out.push('\n');
+        }
+        Ok(out)
+    }
 }

@@ -80,17 +80,13 @@ fn up() -> Result<(), String> {
         dir: Some(dir.clone()),
         ..Default::default()
     })?;
-    let pids: Vec<String> = [
-        Some(&stack.envoy),
-        Some(&stack.authz),
-        Some(&stack.ratelimit),
-        stack.mock.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    .filter_map(|p| p.pid())
-    .map(|p| p.to_string())
-    .collect();
+    let pids: Vec<String> = [&stack.envoy, &stack.ratelimit]
+        .into_iter()
+        .chain(stack.authz.iter())
+        .chain(stack.mock.iter())
+        .filter_map(|p| p.pid())
+        .map(|p| p.to_string())
+        .collect();
     std::fs::write(dir.join("children.pids"), pids.join("\n")).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("up.pid"), std::process::id().to_string())
         .map_err(|e| e.to_string())?;

@@ -1,0 +1,158 @@
+//! tollgate-authz's configuration file (YAML), validated once at start-up: trusted proxies,
+//! cache and throttle settings, provider credentials and static keys. Secrets are never in
+//! the file: credentials and static keys name the environment variable that holds them.
+
+use crate::ip_net::IpNet;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Proxies whose `x-forwarded-for` is believed (CIDRs). Empty: the peer is the client.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    #[serde(default = "default_cache_ttl")]
+    pub cache_ttl_seconds: u64,
+    #[serde(default = "default_cache_entries")]
+    pub cache_max_entries: usize,
+    #[serde(default = "default_window")]
+    pub failure_window_seconds: u64,
+    #[serde(default = "default_ip_failures")]
+    pub max_failures_per_ip: u32,
+    #[serde(default = "default_prefix_failures")]
+    pub max_failures_per_prefix: u32,
+    /// How often the key-event log is polled (PostgreSQL also pushes via LISTEN/NOTIFY).
+    #[serde(default = "default_poll_ms")]
+    pub event_poll_ms: u64,
+    /// Named provider credentials; a route picks one with the ext_authz context extension
+    /// `tollgate_credential: <name>`.
+    #[serde(default)]
+    pub credentials: BTreeMap<String, CredentialConfig>,
+    #[serde(default)]
+    pub static_keys: Vec<StaticKeyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    /// Header to set on the upstream request, e.g. `authorization` or `x-api-key`.
+    pub header: String,
+    /// Environment variable holding the secret.
+    pub env: String,
+    /// How the value is written; `{}` is the secret. Default `{}`.
+    #[serde(default = "default_format")]
+    pub format: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StaticKeyConfig {
+    pub name: String,
+    pub tenant: String,
+    /// Environment variable holding the key (at least 32 characters).
+    pub env: String,
+    #[serde(default)]
+    pub rpm: Option<u32>,
+}
+
+fn default_cache_ttl() -> u64 {
+    30
+}
+fn default_cache_entries() -> usize {
+    100_000
+}
+fn default_window() -> u64 {
+    60
+}
+fn default_ip_failures() -> u32 {
+    30
+}
+fn default_prefix_failures() -> u32 {
+    10
+}
+fn default_poll_ms() -> u64 {
+    200
+}
+fn default_format() -> String {
+    "{}".into()
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            trusted_proxies: Vec::new(),
+            cache_ttl_seconds: default_cache_ttl(),
+            cache_max_entries: default_cache_entries(),
+            failure_window_seconds: default_window(),
+            max_failures_per_ip: default_ip_failures(),
+            max_failures_per_prefix: default_prefix_failures(),
+            event_poll_ms: default_poll_ms(),
+            credentials: BTreeMap::new(),
+            static_keys: Vec::new(),
+        }
+    }
+}
+
+impl FileConfig {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        let c: FileConfig = serde_yaml::from_str(text).map_err(|e| format!("authz config: {e}"))?;
+        c.trusted_proxy_nets()?;
+        if c.event_poll_ms == 0 || c.failure_window_seconds == 0 {
+            return Err(
+                "authz config: event_poll_ms and failure_window_seconds must be > 0".into(),
+            );
+        }
+        for (name, cred) in &c.credentials {
+            if cred.header.is_empty() || !cred.format.contains("{}") {
+                return Err(format!(
+                    "authz config: credential {name:?} needs a header and a format containing {{}}"
+                ));
+            }
+        }
+        Ok(c)
+    }
+
+    pub fn trusted_proxy_nets(&self) -> Result<Vec<IpNet>, String> {
+        self.trusted_proxies
+            .iter()
+            .map(|s| IpNet::parse(s).map_err(|e| format!("authz config: trusted_proxies: {e}")))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = FileConfig::parse("").unwrap();
+        assert_eq!(c.cache_ttl_seconds, 30);
+        assert!(c.credentials.is_empty());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = FileConfig::parse(
+            "trusted_proxies: [127.0.0.1/32]\ncache_ttl_seconds: 5\ncredentials:\n  openai: {header: authorization, env: OPENAI_API_KEY, format: 'Bearer {}'}\nstatic_keys:\n  - {name: casual, tenant: default, env: TG_KEY, rpm: 10}\n",
+        )
+        .unwrap();
+        assert_eq!(c.cache_ttl_seconds, 5);
+        assert_eq!(c.credentials["openai"].format, "Bearer {}");
+        assert_eq!(c.static_keys[0].rpm, Some(10));
+    }
+
+    #[test]
+    fn unknown_fields_bad_cidrs_and_bad_formats_are_refused() {
+        assert!(FileConfig::parse("cache_ttl: 5").is_err());
+        assert!(FileConfig::parse("trusted_proxies: [nope]").is_err());
+        assert!(FileConfig::parse(
+            "credentials:\n  x: {header: authorization, env: X, format: 'Bearer'}"
+        )
+        .is_err());
+    }
+}
