@@ -4,5 +4,6 @@
 pub mod envoy_config;
 pub mod http;
 pub mod paths;
+pub mod postgres;
 pub mod process;
 pub mod stack;

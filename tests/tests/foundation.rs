@@ -163,10 +163,18 @@ fn every_disguise_of_ollama_management_endpoints_is_blocked_before_the_upstream(
     let (_, key) = stack.create_key("acme", None).unwrap();
     let auth = bearer(&key);
     // A default policy does not even allow unknown operations: authz refuses first.
-    let r = http::post_json(stack.envoy_port, "/api/pull", &[("authorization", &auth)], &json!({})).unwrap();
+    let r = http::post_json(
+        stack.envoy_port,
+        "/api/pull",
+        &[("authorization", &auth)],
+        &json!({}),
+    )
+    .unwrap();
     assert_error(&r, 403, "operation_not_allowed");
     // With every operation allowed, the filter is what stands between the key and the upstream.
-    stack.admin(&["policy", "set", "--tenant", "acme", "--operations", "*"]).unwrap();
+    stack
+        .admin(&["policy", "set", "--tenant", "acme", "--operations", "*"])
+        .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(600));
     let disguises = [
         "/api/pull",

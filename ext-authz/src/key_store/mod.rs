@@ -16,13 +16,25 @@ pub use rows::{KeyInfo, KeyRecord, Tenant};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("key store unavailable: {0}")]
-    Unavailable(#[from] sqlx::Error),
+    Unavailable(sqlx::Error),
+    #[error("already exists: {0}")]
+    Conflict(String),
     #[error("key store migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Invalid(String),
     #[error("{0} not found")]
     NotFound(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        // A constraint violation is the caller's mistake, not an outage.
+        match e.as_database_error() {
+            Some(d) if d.is_unique_violation() => StoreError::Conflict(d.message().to_string()),
+            _ => StoreError::Unavailable(e),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
