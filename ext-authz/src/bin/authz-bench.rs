@@ -1,0 +1,216 @@
+//! authz-bench: ext_authz `Check` latency and server CPU per check, on a cache hit and a
+//! cache miss, at several concurrencies. Starts its own tollgate-authz (pinned to CPU 1 with
+//! taskset when available) on a fresh SQLite store and prints a Markdown table.
+//!
+//! Run: `cargo build --release -p tollgate-authz && taskset -c 0 target/release/authz-bench`
+
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+    HttpRequest, Request as AttrRequest,
+};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tollgate_authz::api_key;
+use tollgate_authz::key_store::KeyStore;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn cpu_ticks(pid: u32) -> Res<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start after ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("bad stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11).ok_or("stat")?.parse()?;
+    let stime: u64 = f.get(12).ok_or("stat")?.parse()?;
+    Ok(utime + stime)
+}
+
+fn ticks_per_sec() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100)
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(db: &str, config: &std::path::Path) -> Res<Server> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.with_file_name("tollgate-authz");
+    let pinned = Command::new("taskset").arg("--version").output().is_ok();
+    let mut cmd = if pinned {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "1"]).arg(&bin);
+        c
+    } else {
+        Command::new(&bin)
+    };
+    cmd.args(["--listen", "127.0.0.1:0", "--database-url", db, "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn()?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
+    let port = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("unexpected start line {line:?}"))?;
+    Ok(Server { child, port })
+}
+
+fn request(key: &str) -> CheckRequest {
+    let mut headers = HashMap::new();
+    headers.insert("authorization".to_string(), format!("Bearer {key}"));
+    headers.insert("x-request-id".to_string(), "bench".to_string());
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(AttrRequest {
+                http: Some(HttpRequest {
+                    method: "POST".into(),
+                    path: "/v1/chat/completions".into(),
+                    headers,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+struct Row {
+    case: &'static str,
+    concurrency: usize,
+    checks: usize,
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu_us: f64,
+}
+
+async fn run_case(
+    server: &Server,
+    key: &str,
+    concurrency: usize,
+    checks: usize,
+    case: &'static str,
+) -> Res<Row> {
+    let url = format!("http://127.0.0.1:{}", server.port);
+    let channel = tonic::transport::Endpoint::from_shared(url)?
+        .connect()
+        .await?;
+    // Warm-up (fills the cache on the hit case).
+    let mut warm = AuthorizationClient::new(channel.clone());
+    for _ in 0..concurrency.min(8) {
+        warm.check(request(key)).await?;
+    }
+    let per_task = checks / concurrency;
+    let pid = server.child.id();
+    let cpu0 = cpu_ticks(pid)?;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let mut client = AuthorizationClient::new(channel.clone());
+        let req = request(key);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per_task);
+            for _ in 0..per_task {
+                let t = Instant::now();
+                let r = client.check(req.clone()).await;
+                lat.push(t.elapsed());
+                if let Ok(r) = r {
+                    if r.get_ref().status.as_ref().map(|s| s.code) != Some(0) {
+                        return Err("a check was denied".to_string());
+                    }
+                } else {
+                    return Err("a check failed".to_string());
+                }
+            }
+            Ok(lat)
+        }));
+    }
+    let mut all = Vec::with_capacity(checks);
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let elapsed = start.elapsed();
+    let cpu = cpu_ticks(pid)? - cpu0;
+    all.sort();
+    let n = all.len();
+    Ok(Row {
+        case,
+        concurrency,
+        checks: n,
+        rate: n as f64 / elapsed.as_secs_f64(),
+        p50: all[n / 2],
+        p99: all[(n * 99 / 100).min(n - 1)],
+        cpu_us: cpu as f64 * 1e6 / ticks_per_sec() as f64 / n as f64,
+    })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Res<()> {
+    let dir = std::env::temp_dir().join(format!("authz-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let db = format!("sqlite://{}", dir.join("bench.db").display());
+    let store = KeyStore::connect(&db).await?;
+    store.migrate().await?;
+    let t = store.create_tenant("bench", "").await?;
+    let k = api_key::generate()?;
+    store
+        .insert_key(&t.id, "bench", "", &k.prefix, &k.hash, None)
+        .await?;
+    let mut rows = Vec::new();
+    for (case, ttl, counts) in [
+        ("cache hit", 300, [(1usize, 20_000usize), (32, 40_000)]),
+        ("cache miss (argon2id)", 0, [(1, 100), (32, 256)]),
+    ] {
+        let config = dir.join(format!("authz-{ttl}.yaml"));
+        std::fs::write(&config, format!("cache_ttl_seconds: {ttl}\n"))?;
+        let server = start_server(&db, &config)?;
+        for (c, n) in counts {
+            let row = run_case(&server, &k.full_key, c, n, case).await?;
+            eprintln!(
+                "{case} C={c}: {:.0}/s p50 {:?} p99 {:?} cpu {:.1} µs",
+                row.rate, row.p50, row.p99, row.cpu_us
+            );
+            rows.push(row);
+        }
+    }
+    println!("| case | C | checks | checks/s | p50 | p99 | server CPU per check |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs |",
+            r.case,
+            r.concurrency,
+            r.checks,
+            r.rate,
+            r.p50.as_secs_f64() * 1e6,
+            r.p99.as_secs_f64() * 1e6,
+            r.cpu_us
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
