@@ -363,3 +363,51 @@ fn static_keys_from_the_environment_work_and_no_secret_is_logged_or_stored() {
         "the haystack must include what was logged and stored"
     );
 }
+
+#[test]
+fn openai_and_anthropic_sdks_authenticate_and_see_revocation_as_401() {
+    let stack = start(StackOptions::default());
+    let (_, key) = stack.create_key("acme", None).unwrap();
+    let (revoked_id, revoked) = stack.create_key("acme", None).unwrap();
+    stack.admin(&["key", "revoke", &revoked_id]).unwrap();
+    let out = std::process::Command::new(tollgate_e2e::paths::python())
+        .arg(tollgate_e2e::paths::workspace_root().join("tests/clients/sdk_auth.py"))
+        .env(
+            "TOLLGATE_URL",
+            format!("http://127.0.0.1:{}", stack.envoy_port),
+        )
+        .env("TOLLGATE_KEY", &key)
+        .env("TOLLGATE_REVOKED_KEY", &revoked)
+        .env("TOLLGATE_MODEL", "gpt-4o-mini")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(
+        v["openai_valid"]["content"], "Hello from the Tollgate mock",
+        "{v}"
+    );
+    assert_eq!(v["openai_revoked"]["status"], 401, "{v}");
+    assert_eq!(v["openai_revoked"]["type"], "AuthenticationError");
+    // The SDK surfaces Tollgate's error object as the body.
+    assert_eq!(
+        v["openai_revoked"]["body"]["code"], "revoked_api_key",
+        "{v}"
+    );
+    assert_eq!(v["anthropic_valid"]["ok"], true, "{v}");
+    assert_eq!(v["anthropic_valid"]["text"], "Hello from the Tollgate mock");
+    let seen = stack.mock_requests().unwrap();
+    let messages = seen
+        .iter()
+        .find(|r| r["path"] == "/v1/messages")
+        .expect("anthropic request");
+    assert!(
+        messages["headers"].get("x-api-key").is_none(),
+        "client key reached the upstream"
+    );
+}
