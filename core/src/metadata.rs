@@ -32,3 +32,15 @@ pub const DESCRIPTOR_REQUEST_ID: &str = "request_id";
 /// Headers that tollgate-authz sets for the upstream after removing client copies.
 pub const HEADER_TENANT: &str = "x-tollgate-tenant";
 pub const HEADER_KEY_ID: &str = "x-tollgate-key-id";
+
+/// Filter-state keys the wasm filter sets (Envoy names them `wasm.<key>`): the model the
+/// request used, and the tokens counted from the upstream's usage. Read by the access log
+/// (audit, metrics) and by the rate limiter's stream-done debit.
+pub const FILTER_STATE_MODEL: &str = "tollgate_model";
+pub const FILTER_STATE_TOKENS_IN: &str = "tollgate_tokens_in";
+pub const FILTER_STATE_TOKENS_OUT: &str = "tollgate_tokens_out";
+pub const FILTER_STATE_TOKENS: &str = "tollgate_tokens";
+
+/// Response header naming the error code of a Tollgate refusal (`invalid_api_key`,
+/// `endpoint_blocked`, `rate_limited`, …): harmless to clients, read by the audit log.
+pub const HEADER_ERROR: &str = "x-tollgate-error";

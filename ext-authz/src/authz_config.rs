@@ -31,6 +31,12 @@ pub struct FileConfig {
     pub credentials: BTreeMap<String, CredentialConfig>,
     #[serde(default)]
     pub static_keys: Vec<StaticKeyConfig>,
+    /// Audit events older than this are deleted (hourly).
+    #[serde(default = "default_retention")]
+    pub audit_retention_days: u32,
+    /// Events waiting to be written; past it they are dropped and counted.
+    #[serde(default = "default_audit_queue")]
+    pub audit_queue_capacity: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -74,6 +80,12 @@ fn default_prefix_failures() -> u32 {
 fn default_poll_ms() -> u64 {
     200
 }
+fn default_retention() -> u32 {
+    90
+}
+fn default_audit_queue() -> usize {
+    10_000
+}
 fn default_format() -> String {
     "{}".into()
 }
@@ -90,6 +102,8 @@ impl Default for FileConfig {
             event_poll_ms: default_poll_ms(),
             credentials: BTreeMap::new(),
             static_keys: Vec::new(),
+            audit_retention_days: default_retention(),
+            audit_queue_capacity: default_audit_queue(),
         }
     }
 }

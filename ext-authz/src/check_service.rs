@@ -2,6 +2,7 @@
 
 use crate::credentials::{self, Credentials};
 use crate::decision::{Authorizer, Denial, Identity, Outcome, Request, CREDENTIAL_UNAVAILABLE};
+use crate::metrics::Metrics;
 use crate::policy::Limits;
 use envoy_types::ext_authz::v3::pb::{
     Address, Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
@@ -25,13 +26,19 @@ const GRPC_RESOURCE_EXHAUSTED: i32 = 8;
 pub struct CheckService {
     authorizer: Arc<Authorizer>,
     credentials: Arc<Credentials>,
+    metrics: Arc<Metrics>,
 }
 
 impl CheckService {
-    pub fn new(authorizer: Arc<Authorizer>, credentials: Arc<Credentials>) -> Self {
+    pub fn new(
+        authorizer: Arc<Authorizer>,
+        credentials: Arc<Credentials>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             authorizer,
             credentials,
+            metrics,
         }
     }
 }
@@ -154,6 +161,7 @@ pub fn deny_response(denial: Denial, request_id: &str) -> CheckResponse {
         header("content-type", "application/json"),
         header("x-request-id", request_id),
     ];
+    headers.push(header(metadata::HEADER_ERROR, denial.code));
     if denial.status == 401 {
         headers.push(header("www-authenticate", "Bearer"));
     }
@@ -237,7 +245,26 @@ impl Authorization for CheckService {
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        Ok(Response::new(self.decide(request.get_ref()).await))
+        let started = std::time::Instant::now();
+        let response = self.decide(request.get_ref()).await;
+        let (result, code) = match &response.http_response {
+            Some(HttpResponse::DeniedResponse(d)) => (
+                "deny",
+                d.headers
+                    .iter()
+                    .filter_map(|h| h.header.as_ref())
+                    .find(|h| h.key == metadata::HEADER_ERROR)
+                    .map(|h| h.value.as_str())
+                    .unwrap_or("unknown"),
+            ),
+            _ => ("allow", "ok"),
+        };
+        self.metrics.checks.with_label_values(&[result, code]).inc();
+        self.metrics
+            .check_seconds
+            .with_label_values(&[result])
+            .observe(started.elapsed().as_secs_f64());
+        Ok(Response::new(response))
     }
 }
 

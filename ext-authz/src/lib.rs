@@ -1,7 +1,9 @@
 //! tollgate-authz: decides who is calling (API key → tenant → policy) for Envoy's ext_authz
 //! v3, and the admin operations on tenants, keys and policies.
 
+pub mod admin_http;
 pub mod api_key;
+pub mod audit;
 pub mod authz_config;
 pub mod check_service;
 pub mod client_ip;
@@ -12,6 +14,7 @@ pub mod ip_net;
 pub mod key_cache;
 pub mod key_events;
 pub mod key_store;
+pub mod metrics;
 pub mod policy;
 pub mod static_keys;
 pub mod time;

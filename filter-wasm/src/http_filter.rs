@@ -57,7 +57,11 @@ fn send_error(host: &mut impl Host, status: u16, code: &str, message: &str) {
         .map(|id| String::from_utf8_lossy(&id).into_owned())
         .unwrap_or_default();
     let body = error_body::render(status, code, message, &request_id);
-    let mut headers = vec![("content-type", "application/json")];
+    // The error code header is what the audit log records as the reason.
+    let mut headers = vec![
+        ("content-type", "application/json"),
+        (tollgate_core::metadata::HEADER_ERROR, code),
+    ];
     if !request_id.is_empty() {
         headers.push(("x-request-id", request_id.as_str()));
     }
@@ -145,6 +149,10 @@ mod tests {
         assert_eq!(host.reply.as_ref().unwrap().status, 403);
         assert_eq!(host.reply_header("content-type"), Some("application/json"));
         assert_eq!(host.reply_header("x-request-id"), Some("rid-42"));
+        assert_eq!(
+            host.reply_header("x-tollgate-error"),
+            Some("endpoint_blocked")
+        );
         let body = host.reply_json();
         assert_eq!(body["error"]["type"], "permission_error");
         assert_eq!(body["error"]["code"], "endpoint_blocked");

@@ -64,6 +64,8 @@ pub struct Stack {
     pub model_port: u16,
     pub mock: Option<Proc>,
     pub authz: Vec<Proc>,
+    /// tollgate-authz's /metrics, /healthz, /readyz port, per replica.
+    pub authz_http_ports: Vec<u16>,
     pub ratelimit: Proc,
     pub envoy: Proc,
     temp: bool,
@@ -157,6 +159,7 @@ impl Stack {
         };
         let mut authz = Vec::new();
         let mut authz_ports = Vec::new();
+        let mut authz_http_ports = Vec::new();
         for i in 0..opts.authz_replicas.max(1) {
             let mut cmd = Command::new(paths::binary("tollgate-authz"));
             let port = if i == 0 {
@@ -164,9 +167,16 @@ impl Stack {
             } else {
                 0
             };
+            // `make up` pins the HTTP side port next to the gRPC one; tests take free ports.
+            let http_port = match (i, opts.authz_port) {
+                (0, Some(p)) => p + 10,
+                _ => 0,
+            };
             cmd.args([
                 "--listen",
                 &format!("127.0.0.1:{port}"),
+                "--http-listen",
+                &format!("127.0.0.1:{http_port}"),
                 "--database-url",
                 &database_url,
             ]);
@@ -180,6 +190,7 @@ impl Stack {
                 format!("tollgate-authz-{i}")
             };
             let mut p = Proc::spawn(&name, cmd, &dir)?;
+            authz_http_ports.push(port_of(&p.wait_for_line("HTTP ", READY)?)?);
             authz_ports.push((
                 "127.0.0.1".to_string(),
                 port_of(&p.wait_for_line("LISTENING ", READY)?)?,
@@ -232,6 +243,7 @@ impl Stack {
             model_port: model.1,
             mock,
             authz,
+            authz_http_ports,
             ratelimit,
             envoy,
             temp,

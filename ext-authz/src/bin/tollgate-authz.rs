@@ -2,11 +2,14 @@
 
 use clap::Parser;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tollgate_authz::admin_http::{self, Readiness};
+use tollgate_authz::audit::{als_service::AlsService, writer};
 use tollgate_authz::authz_config::FileConfig;
 use tollgate_authz::check_service::CheckService;
 use tollgate_authz::credentials::Credentials;
@@ -14,6 +17,7 @@ use tollgate_authz::decision::{Authorizer, AuthorizerSettings};
 use tollgate_authz::key_cache::KeyCache;
 use tollgate_authz::key_events;
 use tollgate_authz::key_store::KeyStore;
+use tollgate_authz::metrics::Metrics;
 use tollgate_authz::static_keys::StaticKeys;
 
 #[derive(Parser, Debug)]
@@ -35,6 +39,13 @@ struct Args {
     /// YAML configuration (trusted proxies, cache, throttling, credentials, static keys).
     #[arg(long, env = "TOLLGATE_AUTHZ_CONFIG")]
     config: Option<PathBuf>,
+    /// Plain-HTTP address for /metrics, /healthz and /readyz (printed as `HTTP <addr>`).
+    #[arg(
+        long,
+        env = "TOLLGATE_AUTHZ_HTTP_LISTEN",
+        default_value = "127.0.0.1:10011"
+    )]
+    http_listen: SocketAddr,
 }
 
 #[tokio::main]
@@ -50,6 +61,35 @@ async fn main() -> std::process::ExitCode {
             tracing::error!("{e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Ready while the key store answers; the gRPC health service says the same, so Envoy's
+/// health checks and Kubernetes probes agree.
+async fn readiness_loop(
+    store: KeyStore,
+    ready: Arc<Readiness>,
+    health: tonic_health::server::HealthReporter,
+) {
+    loop {
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_secs(1), store.ping()).await,
+            Ok(Ok(()))
+        );
+        if ok != ready.get() {
+            tracing::info!(ready = ok, "readiness changed");
+        }
+        ready.set(ok);
+        let status = if ok {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        health.set_service_status("", status).await;
+        health
+            .set_service_status("envoy.service.auth.v3.Authorization", status)
+            .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -92,13 +132,30 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         cache,
         Duration::from_millis(config.event_poll_ms),
     ));
+    let metrics = Arc::new(Metrics::new()?);
+    let sink = writer::start(store.clone(), metrics.clone(), config.audit_queue_capacity);
+    tokio::spawn(writer::purge_loop(
+        store.clone(),
+        Duration::from_secs(u64::from(config.audit_retention_days) * 86_400),
+    ));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let ready = Arc::new(Readiness::default());
+    tokio::spawn(readiness_loop(store.clone(), ready.clone(), health));
+
+    let http = TcpListener::bind(args.http_listen).await?;
+    println!("HTTP {}", http.local_addr()?);
+    tokio::spawn(admin_http::serve(http, metrics.clone(), ready));
+
     let listener = TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     println!("LISTENING {addr}");
-    tracing::info!(%addr, postgres = store.is_postgres(), "tollgate-authz serving ext_authz v3");
-    let service = CheckService::new(authorizer, credentials);
+    tracing::info!(%addr, postgres = store.is_postgres(), "tollgate-authz serving ext_authz v3 and access logs");
+    let service = CheckService::new(authorizer, credentials, metrics.clone());
     tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(AuthorizationServer::new(service))
+        .add_service(AccessLogServiceServer::new(AlsService::new(sink, metrics)))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async {

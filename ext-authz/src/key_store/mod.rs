@@ -4,6 +4,7 @@
 
 mod rows;
 
+use crate::audit::AuditEvent;
 use crate::policy::{Limits, PolicyRow};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
@@ -437,10 +438,79 @@ impl KeyStore {
         self.record_event(subject_id, "policy_changed").await
     }
 
+    /// Writes audit events in one transaction.
+    pub async fn insert_audit(&self, events: &[AuditEvent]) -> Result<(), StoreError> {
+        const SQL: &str = "INSERT INTO audit_events (at_ms, request_id, key_id, tenant_id, model, \
+             operation, decision, reason, status, tokens_in, tokens_out, latency_ms, client_ip) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+        on_pool!(&self.pool, |p| {
+            let mut tx = p.begin().await?;
+            for e in events {
+                sqlx::query(SQL)
+                    .bind(e.at_ms)
+                    .bind(&e.request_id)
+                    .bind(&e.key_id)
+                    .bind(&e.tenant_id)
+                    .bind(&e.model)
+                    .bind(&e.operation)
+                    .bind(&e.decision)
+                    .bind(&e.reason)
+                    .bind(i64::from(e.status))
+                    .bind(to_i64(e.tokens_in))
+                    .bind(to_i64(e.tokens_out))
+                    .bind(e.latency_ms)
+                    .bind(&e.client_ip)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok::<_, StoreError>(())
+        })
+    }
+
+    /// Audit events at or after `since_ms`, optionally for one tenant, oldest first.
+    pub async fn audit_events(
+        &self,
+        since_ms: i64,
+        tenant_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        const SQL: &str =
+            "SELECT at_ms, request_id, key_id, tenant_id, model, operation, decision, \
+             reason, status, tokens_in, tokens_out, latency_ms, client_ip FROM audit_events \
+             WHERE at_ms >= $1 AND ($2 = '' OR tenant_id = $2) ORDER BY at_ms, id LIMIT $3";
+        on_pool!(&self.pool, |p| {
+            let all = sqlx::query(SQL)
+                .bind(since_ms)
+                .bind(tenant_id.unwrap_or(""))
+                .bind(limit)
+                .fetch_all(p)
+                .await?;
+            all.iter().map(rows::audit_event).collect()
+        })
+    }
+
+    /// Deletes audit events older than `before_ms`; returns how many.
+    pub async fn purge_audit_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+        Ok(on_pool!(&self.pool, |p| sqlx::query(
+            "DELETE FROM audit_events WHERE at_ms < $1"
+        )
+        .bind(before_ms)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?)
+    }
+
     /// Raw rows of every table, for tests that check no secret is stored.
     pub async fn dump_text(&self) -> Result<String, StoreError> {
         let mut out = String::new();
-        for t in ["tenants", "api_keys", "policies", "key_events"] {
+        for t in [
+            "tenants",
+            "api_keys",
+            "policies",
+            "key_events",
+            "audit_events",
+        ] {
             let sql = format!("SELECT * FROM {t}");
             let text = on_pool!(&self.pool, |p| {
                 let all = sqlx::query(&sql).fetch_all(p).await?;

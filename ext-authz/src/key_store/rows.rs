@@ -172,6 +172,26 @@ pub fn key_info(r: &impl Cells) -> Result<KeyInfo, StoreError> {
     })
 }
 
+pub fn audit_event(r: &impl Cells) -> Result<crate::audit::AuditEvent, StoreError> {
+    let n = |c: &str| r.opt_int(c);
+    Ok(crate::audit::AuditEvent {
+        at_ms: n("at_ms")?.unwrap_or(0),
+        request_id: r.text("request_id")?,
+        key_id: r.opt_text("key_id")?,
+        tenant_id: r.opt_text("tenant_id")?,
+        model: r.opt_text("model")?,
+        operation: r.text("operation")?,
+        decision: r.text("decision")?,
+        reason: r.text("reason")?,
+        status: count(n("status")?).unwrap_or(0),
+        tokens_in: count(n("tokens_in")?),
+        tokens_out: count(n("tokens_out")?),
+        latency_ms: n("latency_ms")?.unwrap_or(0),
+        first_byte_ms: None,
+        client_ip: r.opt_text("client_ip")?,
+    })
+}
+
 pub fn debug_row(r: &impl Cells) -> String {
     (0..r.width())
         .map(|i| r.cell_debug(i))

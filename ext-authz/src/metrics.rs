@@ -1,0 +1,242 @@
+//! Prometheus metrics of tollgate-authz: its own decisions, and the gateway-wide request,
+//! token and latency metrics derived from Envoy's access log. Label values are bounded:
+//! tenants are ids from the key store, and models past a fixed number of distinct names
+//! are folded into `other`.
+
+use crate::audit::AuditEvent;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+const MAX_MODELS: usize = 100;
+const MAX_TENANTS: usize = 10_000;
+
+#[derive(Debug)]
+struct LabelCap {
+    max: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl LabelCap {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn label(&self, value: Option<&str>) -> String {
+        let Some(v) = value.filter(|v| !v.is_empty()) else {
+            return "none".into();
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(v) {
+            return v.to_string();
+        }
+        if seen.len() < self.max {
+            seen.insert(v.to_string());
+            return v.to_string();
+        }
+        "other".into()
+    }
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub checks: IntCounterVec,
+    pub check_seconds: HistogramVec,
+    requests: IntCounterVec,
+    tokens: IntCounterVec,
+    duration: HistogramVec,
+    first_byte: HistogramVec,
+    pub audit: IntCounterVec,
+    models: LabelCap,
+    tenants: LabelCap,
+}
+
+fn buckets() -> Vec<f64> {
+    vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 120.0,
+    ]
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let checks = IntCounterVec::new(
+            Opts::new(
+                "tollgate_authz_checks_total",
+                "ext_authz decisions by result and code",
+            ),
+            &["result", "code"],
+        )?;
+        let check_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_authz_check_duration_seconds",
+                "Time to decide one check",
+            )
+            .buckets(buckets()),
+            &["result"],
+        )?;
+        let requests = IntCounterVec::new(
+            Opts::new("gateway_requests_total", "Requests through the gateway"),
+            &["tenant", "model", "status"],
+        )?;
+        let tokens = IntCounterVec::new(
+            Opts::new(
+                "gateway_tokens_total",
+                "Tokens counted from model server usage",
+            ),
+            &["tenant", "model", "direction"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_request_duration_seconds",
+                "Whole request, first byte in to last byte out",
+            )
+            .buckets(buckets()),
+            &["tenant"],
+        )?;
+        let first_byte = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_time_to_first_token_seconds",
+                "First byte of the request to first byte of the response (the first token of a stream)",
+            )
+            .buckets(buckets()),
+            &["tenant"],
+        )?;
+        let audit = IntCounterVec::new(
+            Opts::new(
+                "tollgate_audit_events_total",
+                "Audit events by outcome: written, dropped (queue full), failed (store error)",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(checks.clone()))?;
+        registry.register(Box::new(check_seconds.clone()))?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(tokens.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(first_byte.clone()))?;
+        registry.register(Box::new(audit.clone()))?;
+        Ok(Self {
+            registry,
+            checks,
+            check_seconds,
+            requests,
+            tokens,
+            duration,
+            first_byte,
+            audit,
+            models: LabelCap::new(MAX_MODELS),
+            tenants: LabelCap::new(MAX_TENANTS),
+        })
+    }
+
+    pub fn observe(&self, e: &AuditEvent) {
+        let tenant = self.tenants.label(e.tenant_id.as_deref());
+        let model = self.models.label(e.model.as_deref());
+        let status = e.status.to_string();
+        self.requests
+            .with_label_values(&[&tenant, &model, &status])
+            .inc();
+        if let Some(n) = e.tokens_in {
+            self.tokens
+                .with_label_values(&[&tenant, &model, "in"])
+                .inc_by(n);
+        }
+        if let Some(n) = e.tokens_out {
+            self.tokens
+                .with_label_values(&[&tenant, &model, "out"])
+                .inc_by(n);
+        }
+        self.duration
+            .with_label_values(&[&tenant])
+            .observe(e.latency_ms as f64 / 1000.0);
+        if let Some(fb) = e.first_byte_ms {
+            if e.decision == "allowed" {
+                self.first_byte
+                    .with_label_values(&[&tenant])
+                    .observe(fb as f64 / 1000.0);
+            }
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(model: &str) -> AuditEvent {
+        AuditEvent {
+            at_ms: 0,
+            request_id: "r".into(),
+            key_id: Some("key_1".into()),
+            tenant_id: Some("ten_1".into()),
+            model: Some(model.into()),
+            operation: "chat".into(),
+            decision: "allowed".into(),
+            reason: "ok".into(),
+            status: 200,
+            tokens_in: Some(5),
+            tokens_out: Some(7),
+            latency_ms: 120,
+            first_byte_ms: Some(20),
+            client_ip: None,
+        }
+    }
+
+    #[test]
+    fn events_become_request_token_and_latency_series() {
+        let m = Metrics::new().unwrap();
+        m.observe(&event("llama3"));
+        m.observe(&event("llama3"));
+        let text = m.render();
+        assert!(
+            text.contains(
+                r#"gateway_requests_total{model="llama3",status="200",tenant="ten_1"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"gateway_tokens_total{direction="out",model="llama3",tenant="ten_1"} 14"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("gateway_request_duration_seconds_count{tenant=\"ten_1\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gateway_time_to_first_token_seconds_count{tenant=\"ten_1\"} 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn model_labels_are_capped() {
+        let m = Metrics::new().unwrap();
+        for i in 0..(MAX_MODELS + 50) {
+            m.observe(&event(&format!("m{i}")));
+        }
+        let text = m.render();
+        assert!(text.contains(r#"model="other""#));
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("gateway_requests_total{"))
+            .count();
+        assert_eq!(series, MAX_MODELS + 1);
+    }
+}
