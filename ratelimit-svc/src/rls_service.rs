@@ -172,6 +172,10 @@ pub fn decide(store: &MemoryStore, req: &RateLimitRequest) -> RateLimitResponse 
         response
             .response_headers_to_add
             .push(header("content-type", "application/json".to_string()));
+        // The error code header is what the audit log records as the reason.
+        response
+            .response_headers_to_add
+            .push(header(metadata::HEADER_ERROR, "rate_limited".to_string()));
         response.raw_body = error_body::render(
             429,
             "rate_limited",
@@ -266,6 +270,10 @@ mod tests {
         let third = decide(&store, &req);
         assert_eq!(third.overall_code, Code::OverLimit as i32);
         assert_eq!(header_value(&third, "retry-after").as_deref(), Some("30"));
+        assert_eq!(
+            header_value(&third, "x-tollgate-error").as_deref(),
+            Some("rate_limited")
+        );
         let body: serde_json::Value = serde_json::from_slice(&third.raw_body).unwrap();
         assert_eq!(body["error"]["code"], "rate_limited");
         assert_eq!(body["error"]["request_id"], "rid-7");

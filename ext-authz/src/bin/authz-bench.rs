@@ -94,7 +94,6 @@ fn request(key: &str) -> CheckRequest {
             }),
             ..Default::default()
         }),
-        ..Default::default()
     }
 }
 

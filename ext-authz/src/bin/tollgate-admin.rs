@@ -46,6 +46,36 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Export audit events (no content, no key material).
+    Audit {
+        /// Start: unix seconds, or an age like 15m, 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Only this tenant (name).
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, default_value_t = 10_000)]
+        limit: i64,
+    },
+}
+
+/// `1700000000` (unix seconds) or an age `30s`, `15m`, `24h`, `7d`, as unix milliseconds.
+fn parse_since(s: &str, now_ms: i64) -> Result<i64, String> {
+    if let Ok(secs) = s.parse::<i64>() {
+        return Ok(secs * 1000);
+    }
+    let (num, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("--since {s:?}: a unix time or an age like 24h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("--since {s:?}: unit must be s, m, h or d")),
+    };
+    Ok(now_ms - secs * 1000)
 }
 
 #[derive(Subcommand, Debug)]
@@ -255,12 +285,65 @@ async fn issue_key(
     Ok(id)
 }
 
+fn audit_json(e: &tollgate_authz::audit::AuditEvent) -> Value {
+    json!({"at_ms": e.at_ms, "request_id": e.request_id, "key_id": e.key_id, "tenant_id": e.tenant_id,
+           "model": e.model, "operation": e.operation, "decision": e.decision, "reason": e.reason,
+           "status": e.status, "tokens_in": e.tokens_in, "tokens_out": e.tokens_out,
+           "latency_ms": e.latency_ms, "client_ip": e.client_ip})
+}
+
 async fn run(cli: Cli) -> Res<()> {
     let store = KeyStore::connect(&cli.database_url).await?;
     store.migrate().await?;
     let j = cli.json;
     match cli.command {
         Command::Migrate => println!("migrations applied"),
+        Command::Audit {
+            since,
+            tenant,
+            limit,
+        } => {
+            let since_ms = parse_since(&since, tollgate_authz::time::unix_now_ms())?;
+            let tenant_id = match tenant {
+                Some(t) => Some(tenant_named(&store, &t).await?.id),
+                None => None,
+            };
+            let events = store
+                .audit_events(since_ms, tenant_id.as_deref(), limit)
+                .await?;
+            if j {
+                println!("{}", Value::Array(events.iter().map(audit_json).collect()));
+            } else {
+                let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+                let num = |o: Option<u64>| o.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+                let rows: Vec<Vec<String>> = events
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.at_ms.to_string(),
+                            e.request_id.clone(),
+                            opt(&e.tenant_id),
+                            opt(&e.key_id),
+                            opt(&e.model),
+                            e.operation.clone(),
+                            e.decision.clone(),
+                            e.reason.clone(),
+                            e.status.to_string(),
+                            num(e.tokens_in),
+                            num(e.tokens_out),
+                            e.latency_ms.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "AT_MS", "REQUEST", "TENANT", "KEY", "MODEL", "OP", "DECISION", "REASON",
+                        "STATUS", "IN", "OUT", "MS",
+                    ],
+                    &rows,
+                );
+            }
+        }
         Command::Tenant { command } => match command {
             TenantCommand::Create { name, labels } => {
                 let t = store.create_tenant(&name, &labels).await?;
