@@ -37,6 +37,10 @@ pub struct FileConfig {
     /// Events waiting to be written; past it they are dropped and counted.
     #[serde(default = "default_audit_queue")]
     pub audit_queue_capacity: usize,
+    /// With the foundation profile: refuse a PostgreSQL URL without `sslmode=require` or
+    /// stronger.
+    #[serde(default)]
+    pub require_database_tls: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -104,6 +108,7 @@ impl Default for FileConfig {
             static_keys: Vec::new(),
             audit_retention_days: default_retention(),
             audit_queue_capacity: default_audit_queue(),
+            require_database_tls: false,
         }
     }
 }

@@ -411,3 +411,67 @@ fn openai_and_anthropic_sdks_authenticate_and_see_revocation_as_401() {
         "client key reached the upstream"
     );
 }
+
+#[test]
+fn foundation_profile_refuses_unsafe_settings_and_starts_on_safe_ones() {
+    let run = |args: &[&str], config: &str| {
+        let dir =
+            std::env::temp_dir().join(format!("tg-profile-{}-{}", std::process::id(), args.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("authz.yaml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut child = std::process::Command::new(tollgate_e2e::paths::binary("tollgate-authz"))
+            .args([
+                "--profile",
+                "foundation",
+                "--listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(&cfg)
+            .args(args)
+            .env("TG_PROFILE_KEY", "k".repeat(40))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A refusal exits at once; a start prints LISTENING and keeps running.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let out = child.wait_with_output().unwrap();
+                return (
+                    Some(status.code().unwrap_or(-1)),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                return (None, String::from_utf8_lossy(&out.stdout).into_owned());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let (code, err) = run(&["--database-url", "sqlite:///tmp/tg-profile.db"], "");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("must be PostgreSQL"), "{err}");
+    let pg = Postgres::start().unwrap();
+    let (code, err) = run(
+        &["--database-url", &pg.url()],
+        "static_keys:\n  - {name: k, tenant: t, env: TG_PROFILE_KEY}\n",
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("static keys are not allowed"), "{err}");
+    let (code, err) = run(
+        &["--database-url", &pg.url()],
+        "require_database_tls: true\n",
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("sslmode"), "{err}");
+    let (code, out) = run(&["--database-url", &pg.url()], "");
+    assert_eq!(code, None, "a safe foundation config must keep running");
+    assert!(out.contains("LISTENING"), "{out}");
+}

@@ -39,6 +39,10 @@ struct Args {
     /// YAML configuration (trusted proxies, cache, throttling, credentials, static keys).
     #[arg(long, env = "TOLLGATE_AUTHZ_CONFIG")]
     config: Option<PathBuf>,
+    /// `casual` (default; SQLite and static keys allowed) or `foundation` (refuses unsafe
+    /// settings: PostgreSQL required, no static keys, database TLS when configured).
+    #[arg(long, env = "TOLLGATE_PROFILE", value_enum, default_value = "casual")]
+    profile: tollgate_authz::profile::Profile,
     /// Plain-HTTP address for /metrics, /healthz and /readyz (printed as `HTTP <addr>`).
     #[arg(
         long,
@@ -50,11 +54,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    tollgate_authz::logging::init();
     match run(Args::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -104,6 +104,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         )?,
         None => FileConfig::default(),
     };
+    tollgate_authz::profile::check(args.profile, &args.database_url, &config)?;
     let credentials = Arc::new(Credentials::from_config(&config.credentials, env)?);
     let static_keys = StaticKeys::from_config(&config.static_keys, env)?;
     let store = KeyStore::connect(&args.database_url).await?;

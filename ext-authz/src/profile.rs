@@ -1,0 +1,100 @@
+//! Deployment profiles. `casual` (the default, what `make up` runs): SQLite, static keys
+//! allowed. `foundation`: production settings are enforced at start-up, and the service
+//! refuses to start on an unsafe one rather than running half-secured.
+
+use crate::authz_config::FileConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    Casual,
+    Foundation,
+}
+
+/// Why a foundation deployment must not start; `Ok` for casual.
+pub fn check(profile: Profile, database_url: &str, config: &FileConfig) -> Result<(), String> {
+    if profile == Profile::Casual {
+        return Ok(());
+    }
+    let mut problems = Vec::new();
+    let postgres =
+        database_url.starts_with("postgres://") || database_url.starts_with("postgresql://");
+    if !postgres {
+        problems.push("the key store must be PostgreSQL (--database-url postgres://…)".to_string());
+    }
+    if !config.static_keys.is_empty() {
+        problems
+            .push("static keys are not allowed; issue named keys with tollgate-admin".to_string());
+    }
+    if config.require_database_tls && postgres {
+        let tls = [
+            "sslmode=require",
+            "sslmode=verify-ca",
+            "sslmode=verify-full",
+        ]
+        .iter()
+        .any(|m| database_url.contains(m));
+        if !tls {
+            problems.push("require_database_tls is set but the database URL has no sslmode=require/verify-ca/verify-full".to_string());
+        }
+    }
+    if config.cache_ttl_seconds > 300 {
+        problems.push(
+            "cache_ttl_seconds above 300 keeps revoked keys usable too long if events stop"
+                .to_string(),
+        );
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "foundation profile refuses to start: {}",
+            problems.join("; ")
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authz_config::StaticKeyConfig;
+
+    #[test]
+    fn casual_accepts_sqlite_and_static_keys() {
+        let mut c = FileConfig::default();
+        c.static_keys.push(StaticKeyConfig {
+            name: "k".into(),
+            tenant: "t".into(),
+            env: "K".into(),
+            rpm: None,
+        });
+        assert!(check(Profile::Casual, "sqlite://x.db", &c).is_ok());
+    }
+
+    #[test]
+    fn foundation_refuses_sqlite_static_keys_and_plaintext_db_when_tls_required() {
+        let mut c = FileConfig::default();
+        let e = check(Profile::Foundation, "sqlite://x.db", &c).unwrap_err();
+        assert!(e.contains("PostgreSQL"), "{e}");
+        c.static_keys.push(StaticKeyConfig {
+            name: "k".into(),
+            tenant: "t".into(),
+            env: "K".into(),
+            rpm: None,
+        });
+        assert!(check(Profile::Foundation, "postgres://db/x", &c)
+            .unwrap_err()
+            .contains("static keys"));
+        c.static_keys.clear();
+        assert!(check(Profile::Foundation, "postgres://db/x", &c).is_ok());
+        c.require_database_tls = true;
+        assert!(check(Profile::Foundation, "postgres://db/x", &c)
+            .unwrap_err()
+            .contains("sslmode"));
+        assert!(check(
+            Profile::Foundation,
+            "postgres://db/x?sslmode=verify-full",
+            &c
+        )
+        .is_ok());
+    }
+}
