@@ -2,7 +2,9 @@
 //! natively; `glue` binds them to proxy-wasm and exists only in the wasm32 build.
 
 pub mod config;
+pub mod discovery;
 pub mod http_filter;
+pub mod model_gate;
 pub mod path_guard;
 
 #[cfg(target_arch = "wasm32")]

@@ -1,0 +1,110 @@
+//! The model set the upstream actually serves, learned by polling its list endpoint
+//! (`/api/tags` for Ollama, `/v1/models` for OpenAI-style servers). Until one poll has
+//! succeeded the set is unknown and model requests fail closed.
+
+use serde::Deserialize;
+use std::collections::BTreeSet;
+
+/// What a list endpoint returned, as names the client may use.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelSet {
+    names: BTreeSet<String>,
+}
+
+#[derive(Deserialize)]
+struct OllamaTags {
+    models: Vec<OllamaModel>,
+}
+
+#[derive(Deserialize)]
+struct OllamaModel {
+    name: String,
+    #[serde(default)]
+    model: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiList {
+    data: Vec<OpenAiModel>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiModel {
+    id: String,
+}
+
+impl ModelSet {
+    /// Parses either list shape; anything else is an error (the poll failed).
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        if let Ok(tags) = serde_json::from_slice::<OllamaTags>(body) {
+            let mut names = BTreeSet::new();
+            for m in tags.models {
+                names.insert(m.name);
+                if let Some(model) = m.model {
+                    names.insert(model);
+                }
+            }
+            return Ok(Self { names });
+        }
+        match serde_json::from_slice::<OpenAiList>(body) {
+            Ok(list) => Ok(Self {
+                names: list.data.into_iter().map(|m| m.id).collect(),
+            }),
+            Err(e) => Err(format!(
+                "model list is neither /api/tags nor /v1/models: {e}"
+            )),
+        }
+    }
+
+    pub fn from_names<I: IntoIterator<Item = S>, S: Into<String>>(names: I) -> Self {
+        Self {
+            names: names.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    /// Whether the upstream serves `model`. Ollama treats a name without a tag as
+    /// `:latest`, so `llama3` matches a served `llama3:latest`.
+    pub fn contains(&self, model: &str) -> bool {
+        if self.names.contains(model) {
+            return true;
+        }
+        !model.contains(':') && self.names.contains(&format!("{model}:latest"))
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ollama_tags_and_openai_models_both_parse() {
+        let tags = br#"{"models":[{"name":"llama3.1:8b","model":"llama3.1:8b","size":1},{"name":"qwen2:latest","model":"qwen2:latest"}]}"#;
+        let s = ModelSet::parse(tags).unwrap();
+        assert!(s.contains("llama3.1:8b"));
+        assert!(s.contains("qwen2"), "an untagged name means :latest");
+        assert!(!s.contains("llama3.1"));
+        let list = br#"{"object":"list","data":[{"id":"gpt-4o-mini","object":"model"}]}"#;
+        let s = ModelSet::parse(list).unwrap();
+        assert!(s.contains("gpt-4o-mini"));
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn other_bodies_are_errors() {
+        assert!(ModelSet::parse(b"not json").is_err());
+        assert!(ModelSet::parse(br#"{"error":"boom"}"#).is_err());
+    }
+}
