@@ -91,6 +91,42 @@ pub fn render_compose() -> Result<String, String> {
     Ok(format!("{header}{}", render(&template, &compose_vars())?))
 }
 
+/// Keeps only the named HTTP filters (the router always stays); without ext_authz the
+/// per-route filter configs and the access log to tollgate-authz go too. Used by the
+/// benchmark to measure bare Envoy and each Tollgate piece in the same run.
+pub fn keep_http_filters(yaml: &str, keep: &[&str]) -> Result<String, String> {
+    use serde_yaml::Value;
+    let mut v: Value = serde_yaml::from_str(yaml).map_err(|e| format!("envoy config: {e}"))?;
+    let hcm = v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]
+        .as_mapping_mut()
+        .ok_or("envoy config: no http_connection_manager")?;
+    let keeps = |name: &str| name == "envoy.filters.http.router" || keep.contains(&name);
+    if let Some(Value::Sequence(filters)) = hcm.get_mut("http_filters") {
+        filters.retain(|f| f["name"].as_str().is_some_and(keeps));
+    }
+    if !keep.contains(&"envoy.filters.http.ext_authz") {
+        if let Some(Value::Sequence(logs)) = hcm.get_mut("access_log") {
+            logs.retain(|l| l["name"] != "envoy.access_loggers.http_grpc");
+        }
+    }
+    if let Some(Value::Sequence(hosts)) = hcm
+        .get_mut("route_config")
+        .and_then(|r| r.get_mut("virtual_hosts"))
+    {
+        for host in hosts {
+            if let Some(Value::Sequence(routes)) = host.get_mut("routes") {
+                for route in routes {
+                    if let Some(Value::Mapping(per)) = route.get_mut("typed_per_filter_config") {
+                        per.retain(|k, _| k.as_str().is_some_and(keeps));
+                    }
+                }
+            }
+        }
+    }
+    serde_yaml::to_string(&v).map_err(|e| format!("envoy config: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

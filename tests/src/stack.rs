@@ -33,6 +33,12 @@ pub struct StackOptions {
     pub authz_env: Vec<(String, String)>,
     /// Credential name the model route asks tollgate-authz to inject.
     pub model_credential: String,
+    /// Keep only these HTTP filters in Envoy (benchmarks); all when `None`.
+    pub envoy_http_filters: Option<Vec<&'static str>>,
+    /// Pin Envoy to CPU 1 and everything else to CPU 0 (benchmarks), when taskset exists.
+    pub pin_cpus: bool,
+    /// Envoy worker threads.
+    pub envoy_concurrency: u32,
 }
 
 impl Default for StackOptions {
@@ -51,7 +57,23 @@ impl Default for StackOptions {
             authz_config: None,
             authz_env: Vec::new(),
             model_credential: String::new(),
+            envoy_http_filters: None,
+            pin_cpus: false,
+            envoy_concurrency: 1,
         }
+    }
+}
+
+/// `cmd` wrapped in `taskset -c <cpu>` when pinning is asked for and taskset exists.
+fn pinned(program: &std::path::Path, cpu: Option<u32>) -> Command {
+    let taskset = std::path::Path::new("/usr/bin/taskset");
+    match cpu {
+        Some(c) if taskset.exists() => {
+            let mut cmd = Command::new(taskset);
+            cmd.arg("-c").arg(c.to_string()).arg(program);
+            cmd
+        }
+        _ => Command::new(program),
     }
 }
 
@@ -125,6 +147,7 @@ impl Stack {
             "run `make deps` (installs Envoy into .venv)",
         )?;
 
+        let side_cpu = opts.pin_cpus.then_some(0);
         let (dir, temp) = match &opts.dir {
             Some(d) => {
                 std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
@@ -140,7 +163,7 @@ impl Stack {
         let (mock, model) = match &opts.model {
             Some(m) => (None, m.clone()),
             None => {
-                let mut cmd = Command::new(paths::binary("mock-model-server"));
+                let mut cmd = pinned(&paths::binary("mock-model-server"), side_cpu);
                 let listen = format!("127.0.0.1:{}", opts.mock_port.unwrap_or(0));
                 cmd.args(["--listen", &listen]);
                 let mut p = Proc::spawn("mock-model-server", cmd, &dir)?;
@@ -161,7 +184,7 @@ impl Stack {
         let mut authz_ports = Vec::new();
         let mut authz_http_ports = Vec::new();
         for i in 0..opts.authz_replicas.max(1) {
-            let mut cmd = Command::new(paths::binary("tollgate-authz"));
+            let mut cmd = pinned(&paths::binary("tollgate-authz"), side_cpu);
             let port = if i == 0 {
                 opts.authz_port.unwrap_or(0)
             } else {
@@ -198,7 +221,7 @@ impl Stack {
             authz.push(p);
         }
 
-        let mut cmd = Command::new(paths::binary("tollgate-ratelimit"));
+        let mut cmd = pinned(&paths::binary("tollgate-ratelimit"), side_cpu);
         cmd.args([
             "--listen",
             &format!("127.0.0.1:{}", opts.ratelimit_port.unwrap_or(0)),
@@ -218,20 +241,20 @@ impl Stack {
         let template = std::fs::read_to_string(paths::envoy_template())
             .map_err(|e| format!("envoy template: {e}"))?;
         let wasm = paths::filter_wasm().display().to_string();
-        let config = envoy_config::render(
+        let mut config = envoy_config::render(
             &template,
             &envoy_config::vars(&ports, &wasm, &opts.filter_config),
         )?;
+        if let Some(keep) = &opts.envoy_http_filters {
+            config = envoy_config::keep_http_filters(&config, keep)?;
+        }
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, config).map_err(|e| format!("envoy config: {e}"))?;
-        let mut cmd = Command::new(paths::envoy());
-        cmd.arg("-c").arg(&config_path).args([
-            "--disable-hot-restart",
-            "--concurrency",
-            "1",
-            "-l",
-            "warning",
-        ]);
+        let mut cmd = pinned(&paths::envoy(), opts.pin_cpus.then_some(1));
+        cmd.arg("-c")
+            .arg(&config_path)
+            .args(["--disable-hot-restart", "-l", "warning", "--concurrency"])
+            .arg(opts.envoy_concurrency.to_string());
         let mut envoy = Proc::spawn("envoy", cmd, &dir)?;
         wait_envoy_ready(&mut envoy, ports.admin, ports.listen)?;
 
