@@ -92,7 +92,7 @@ fn up() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let (_, key) = stack.create_key("default", None)?;
     println!(
-        "Tollgate is up on http://127.0.0.1:{LISTEN} in front of {source} ({:.1} s).",
+        "Tollgate is up on http://127.0.0.1:{LISTEN} in front of {source}; first key after {:.1} s.",
         started.elapsed().as_secs_f64()
     );
     println!(
