@@ -6,6 +6,10 @@ pub mod discovery;
 pub mod http_filter;
 pub mod model_gate;
 pub mod path_guard;
+pub mod stream;
+pub mod transcoder;
+pub mod translate;
+pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
 mod glue;

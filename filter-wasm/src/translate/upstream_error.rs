@@ -1,0 +1,182 @@
+//! Owns turning a model server's error (a non-2xx body, or an error inside a stream) into
+//! Tollgate's one error shape, which is OpenAI's, for clients whose request was translated.
+//!
+//! The status is the upstream's. Messages of 4xx errors are kept (they say what was wrong with
+//! the request); 5xx messages are replaced, since they may carry upstream internals. The code
+//! is the upstream's error type when it gives a plain one (`overloaded_error`), else derived
+//! from the status.
+
+use serde::Deserialize;
+use tollgate_core::error_body;
+
+use super::openai::OutputContext;
+use super::wire::Text;
+use crate::stream::StreamError;
+
+/// The members an error body is read from (`{"error": "…"}` from Ollama,
+/// `{"type":"error","error":{"type","message"}}` from Anthropic, OpenAI's `{"error":{…}}`).
+pub const ERROR_FIELDS: &[&str] = &["error"];
+
+const UPSTREAM_FAILED: &str = "the model server failed to handle the request";
+
+#[derive(Debug, Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    error: Option<ErrorField<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ErrorField<'a> {
+    Message(#[serde(borrow)] Text<'a>),
+    Detail {
+        #[serde(rename = "type", borrow)]
+        kind: Option<Text<'a>>,
+        #[serde(borrow)]
+        message: Option<Text<'a>>,
+    },
+}
+
+/// The HTTP status Anthropic documents for each error type, for errors that arrive inside a
+/// stream (after the 200 was sent).
+pub fn anthropic_status(kind: Option<&str>) -> u16 {
+    match kind {
+        Some("invalid_request_error") => 400,
+        Some("authentication_error") => 401,
+        Some("permission_error") => 403,
+        Some("not_found_error") => 404,
+        Some("request_too_large") => 413,
+        Some("rate_limit_error") => 429,
+        Some("overloaded_error") => 529,
+        _ => 500,
+    }
+}
+
+/// The error body for a non-2xx upstream response. `reduced` is the body reduced to
+/// [`ERROR_FIELDS`], or `None` when it was not a JSON object (an HTML page from a proxy, …).
+pub fn render(status: u16, reduced: Option<&[u8]>, request_id: &str) -> String {
+    let envelope = reduced.and_then(|r| serde_json::from_slice::<Envelope<'_>>(r).ok());
+    let (kind, message) = match envelope.as_ref().and_then(|e| e.error.as_ref()) {
+        Some(ErrorField::Message(message)) => (None, Some(message.as_str())),
+        Some(ErrorField::Detail { kind, message }) => (
+            kind.as_ref().map(Text::as_str),
+            message.as_ref().map(Text::as_str),
+        ),
+        None => (None, None),
+    };
+    rendered(status, kind, message.unwrap_or(""), request_id)
+}
+
+/// An error inside a translated stream, as the OpenAI SDKs read one: a `data:` event whose
+/// JSON has an `error` member. Nothing follows it, not even `[DONE]`.
+pub fn write_stream_error(
+    out: &mut Vec<u8>,
+    status: u16,
+    kind: Option<&str>,
+    message: &str,
+    ctx: &OutputContext,
+) -> Result<(), StreamError> {
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(rendered(status, kind, message, &ctx.request_id).as_bytes());
+    out.extend_from_slice(b"\n\n");
+    Ok(())
+}
+
+fn rendered(status: u16, kind: Option<&str>, message: &str, request_id: &str) -> String {
+    let message = if status >= 500 || message.is_empty() {
+        default_message(status)
+    } else {
+        message
+    };
+    let code = kind.filter(|k| is_plain_code(k)).unwrap_or(match status {
+        400 | 422 => "invalid_request",
+        401 | 403 => "upstream_auth_failed",
+        404 => "model_not_found",
+        413 => "request_too_large",
+        429 => "upstream_rate_limited",
+        _ => "upstream_error",
+    });
+    error_body::render(status, code, message, request_id)
+}
+
+fn default_message(status: u16) -> &'static str {
+    match status {
+        404 => "the model server does not know this model or endpoint",
+        429 => "the model server is rate limiting requests",
+        s if s >= 500 => UPSTREAM_FAILED,
+        _ => "the model server refused the request",
+    }
+}
+
+/// Only short snake_case codes are passed through from the upstream.
+fn is_plain_code(kind: &str) -> bool {
+    !kind.is_empty()
+        && kind.len() <= 48
+        && kind.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn body(status: u16, upstream: &str) -> Value {
+        serde_json::from_str(&render(status, Some(upstream.as_bytes()), "rid-1")).unwrap()
+    }
+
+    #[test]
+    fn ollama_error_string_keeps_its_message_on_4xx() {
+        let v = body(
+            404,
+            r#"{"error":"model \"x\" not found, try pulling it first"}"#,
+        );
+        assert_eq!(v["error"]["type"], "not_found_error");
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(
+            v["error"]["message"],
+            "model \"x\" not found, try pulling it first"
+        );
+        assert_eq!(v["error"]["request_id"], "rid-1");
+    }
+
+    #[test]
+    fn anthropic_error_type_becomes_the_code() {
+        let v = body(
+            400,
+            r#"{"error":{"type":"invalid_request_error","message":"max_tokens: Field required"}}"#,
+        );
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "invalid_request_error");
+        assert_eq!(v["error"]["message"], "max_tokens: Field required");
+    }
+
+    #[test]
+    fn server_errors_are_sanitised() {
+        let v = body(
+            500,
+            r#"{"error":"llama runner process has terminated: /usr/lib/x.so"}"#,
+        );
+        assert_eq!(v["error"]["message"], UPSTREAM_FAILED);
+        assert_eq!(v["error"]["code"], "upstream_error");
+        let v = body(
+            529,
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        );
+        assert_eq!(v["error"]["code"], "overloaded_error");
+        assert_eq!(v["error"]["message"], UPSTREAM_FAILED);
+    }
+
+    #[test]
+    fn unreadable_bodies_and_odd_codes_get_defaults() {
+        let v: Value = serde_json::from_str(&render(502, None, "")).unwrap();
+        assert_eq!(v["error"]["code"], "upstream_error");
+        let v = body(400, r#"{"error":{"type":"Bad <script>","message":"m"}}"#);
+        assert_eq!(v["error"]["code"], "invalid_request");
+        let v = body(403, r#"{"error":5}"#);
+        assert_eq!(
+            v["error"]["message"],
+            "the model server refused the request"
+        );
+    }
+}
