@@ -3,15 +3,23 @@
 //! requests through unchecked.
 //!
 //! ```json
-//! {"blocked_paths": ["/api/pull", "/api/push"], "blocked_prefixes": ["/api/blobs/"]}
+//! {"blocked_paths": ["/api/pull", "/api/push"], "blocked_prefixes": ["/api/blobs/"],
+//!  "upstream": "ollama", "routes": {"hosted": "openai"}, "max_body_bytes": 1048576,
+//!  "anthropic_max_tokens": 4096, "default_reservation_tokens": 1024,
+//!  "discovery": {"cluster": "model", "path": "/api/tags", "interval_ms": 10000}}
 //! ```
+//! `upstream` is the API the model server speaks (`openai`, `ollama`, `anthropic`; default
+//! `openai`); `routes` overrides it per Envoy route name. Without `discovery` the served
+//! model set is not checked (only the key's allowlist).
 //! An empty configuration, or an omitted (or `null`) field, means that field's defaults below;
 //! an empty list means "none". Entries are normalised like request paths (see `path_guard`).
 //! Unknown fields are errors, so a typo cannot silently drop a block.
 
 use serde::Deserialize;
+use std::collections::BTreeMap;
 
 use crate::path_guard::{BadEntry, Blocklist, EntryKind};
+use crate::translate::{RequestOptions, Upstream};
 
 /// Ollama's endpoints that change what the model server holds.
 pub const DEFAULT_BLOCKED_PATHS: [&str; 5] = [
@@ -25,10 +33,42 @@ pub const DEFAULT_BLOCKED_PATHS: [&str; 5] = [
 /// Ollama's blob endpoints (`/api/blobs/:digest`); `/api/blobs` itself is blocked too.
 pub const DEFAULT_BLOCKED_PREFIXES: [&str; 1] = ["/api/blobs/"];
 
+/// Request bodies above this are refused with 413 (the listener's buffer limit is higher).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Tokens reserved for a request that names no `max_tokens`, until its real count is known.
+pub const DEFAULT_RESERVATION_TOKENS: u64 = 1024;
+
+/// Where the served model set is learned from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// Envoy cluster of the model server.
+    pub cluster: String,
+    /// `/api/tags` (Ollama) or `/v1/models` (OpenAI-style).
+    pub path: String,
+    #[serde(default = "default_interval")]
+    pub interval_ms: u64,
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_interval() -> u64 {
+    10_000
+}
+fn default_timeout() -> u64 {
+    2_000
+}
+
 /// The filter's validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub blocklist: Blocklist,
+    pub upstream: Upstream,
+    pub routes: BTreeMap<String, Upstream>,
+    pub max_body_bytes: usize,
+    pub request_options: RequestOptions,
+    pub default_reservation_tokens: u64,
+    pub discovery: Option<DiscoveryConfig>,
 }
 
 /// The JSON shape, before validation.
@@ -37,6 +77,12 @@ pub struct Config {
 struct PluginConfig {
     blocked_paths: Option<Vec<String>>,
     blocked_prefixes: Option<Vec<String>>,
+    upstream: Option<String>,
+    routes: Option<BTreeMap<String, String>>,
+    max_body_bytes: Option<usize>,
+    anthropic_max_tokens: Option<u64>,
+    default_reservation_tokens: Option<u64>,
+    discovery: Option<DiscoveryConfig>,
 }
 
 /// Why a configuration was refused.
@@ -44,6 +90,7 @@ struct PluginConfig {
 pub enum ConfigError {
     Json(serde_json::Error),
     BadEntry(BadEntry),
+    Invalid(String),
 }
 
 impl std::fmt::Display for ConfigError {
@@ -61,6 +108,7 @@ impl std::fmt::Display for ConfigError {
                     bad.entry, bad.reason
                 )
             }
+            ConfigError::Invalid(why) => write!(f, "invalid plugin configuration: {why}"),
         }
     }
 }
@@ -73,7 +121,15 @@ impl Default for Config {
         // break, block everything rather than nothing.
         let blocklist = Blocklist::new(&DEFAULT_BLOCKED_PATHS, &DEFAULT_BLOCKED_PREFIXES)
             .unwrap_or_else(|_| Blocklist::everything());
-        Config { blocklist }
+        Config {
+            blocklist,
+            upstream: Upstream::OpenAi,
+            routes: BTreeMap::new(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            request_options: RequestOptions::default(),
+            default_reservation_tokens: DEFAULT_RESERVATION_TOKENS,
+            discovery: None,
+        }
     }
 }
 
@@ -91,7 +147,56 @@ impl Config {
             .blocked_prefixes
             .unwrap_or_else(|| to_strings(&DEFAULT_BLOCKED_PREFIXES));
         let blocklist = Blocklist::new(&paths, &prefixes).map_err(ConfigError::BadEntry)?;
-        Ok(Config { blocklist })
+        let kind = |name: &str| {
+            Upstream::parse(name).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "upstream {name:?} is not one of openai, ollama, anthropic"
+                ))
+            })
+        };
+        let upstream = match raw.upstream.as_deref() {
+            Some(u) => kind(u)?,
+            None => Upstream::OpenAi,
+        };
+        let mut routes = BTreeMap::new();
+        for (route, u) in raw.routes.unwrap_or_default() {
+            routes.insert(route, kind(&u)?);
+        }
+        let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes == 0 {
+            return Err(ConfigError::Invalid("max_body_bytes must be > 0".into()));
+        }
+        if let Some(d) = &raw.discovery {
+            if d.cluster.is_empty() || !d.path.starts_with('/') || d.interval_ms < 100 {
+                return Err(ConfigError::Invalid(
+                    "discovery needs a cluster, a path starting with '/' and interval_ms >= 100"
+                        .into(),
+                ));
+            }
+        }
+        let mut request_options = RequestOptions::default();
+        if let Some(n) = raw.anthropic_max_tokens {
+            request_options.anthropic_max_tokens = n;
+        }
+        Ok(Config {
+            blocklist,
+            upstream,
+            routes,
+            max_body_bytes,
+            request_options,
+            default_reservation_tokens: raw
+                .default_reservation_tokens
+                .unwrap_or(DEFAULT_RESERVATION_TOKENS),
+            discovery: raw.discovery,
+        })
+    }
+
+    /// The upstream API for a route (by Envoy route name), else the default.
+    pub fn upstream_for(&self, route_name: Option<&str>) -> Upstream {
+        route_name
+            .and_then(|r| self.routes.get(r))
+            .copied()
+            .unwrap_or(self.upstream)
     }
 }
 
@@ -130,6 +235,25 @@ mod tests {
         assert_eq!(Config::from_json(b"").unwrap(), Config::default());
         assert_eq!(Config::from_json(b" \n\t").unwrap(), Config::default());
         assert_eq!(config("{}").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn upstream_routes_body_cap_and_discovery_parse_and_validate() {
+        let cfg = config(
+            r#"{"upstream":"ollama","routes":{"hosted":"anthropic"},"max_body_bytes":2048,
+                "discovery":{"cluster":"model","path":"/api/tags","interval_ms":500}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.upstream_for(None), Upstream::Ollama);
+        assert_eq!(cfg.upstream_for(Some("hosted")), Upstream::Anthropic);
+        assert_eq!(cfg.upstream_for(Some("other")), Upstream::Ollama);
+        assert_eq!(cfg.max_body_bytes, 2048);
+        assert_eq!(cfg.discovery.as_ref().unwrap().timeout_ms, 2000);
+        assert!(config(r#"{"upstream":"grpc"}"#).is_err());
+        assert!(config(r#"{"routes":{"a":"x"}}"#).is_err());
+        assert!(config(r#"{"max_body_bytes":0}"#).is_err());
+        assert!(config(r#"{"discovery":{"cluster":"m","path":"api/tags"}}"#).is_err());
+        assert!(config(r#"{"discovery":{"cluster":"m","path":"/x","bogus":1}}"#).is_err());
     }
 
     #[test]

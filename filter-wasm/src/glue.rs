@@ -2,26 +2,111 @@
 //! Only `hostcalls` functions returning `Result` are used; the trait helpers that `unwrap`
 //! internally are avoided, since a panic kills every stream on the worker.
 
+use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 
 use crate::config::Config;
-use crate::http_filter::{self, Host};
+use crate::discovery::ModelSet;
+use crate::http_filter::{self, Host, Stream};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
+/// The served model set, shared by the root context (which polls) and every stream.
+type Served = Rc<RefCell<Option<ModelSet>>>;
+
 #[derive(Default)]
 struct Root {
     config: Rc<Config>,
+    served: Served,
+    /// A poll is in flight (its token), so ticks do not pile calls up.
+    pending: Option<u32>,
 }
 
-impl Context for Root {}
+fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, message);
+}
+
+impl Root {
+    fn poll(&mut self) {
+        let Some(d) = &self.config.discovery else {
+            return;
+        };
+        if self.pending.is_some() {
+            return;
+        }
+        let headers = vec![
+            (":method", "GET"),
+            (":path", d.path.as_str()),
+            (":authority", d.cluster.as_str()),
+        ];
+        match hostcalls::dispatch_http_call(
+            &d.cluster,
+            headers,
+            None,
+            vec![],
+            Duration::from_millis(d.timeout_ms),
+        ) {
+            Ok(token) => self.pending = Some(token),
+            Err(e) => log(
+                LogLevel::Warn,
+                &format!("tollgate: model discovery call failed: {e:?}"),
+            ),
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        if self.pending != Some(token) {
+            return;
+        }
+        self.pending = None;
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten();
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        if status.as_deref() != Some("200") {
+            log(
+                LogLevel::Warn,
+                &format!("tollgate: model discovery got status {status:?}"),
+            );
+            return;
+        }
+        match ModelSet::parse(&body) {
+            Ok(set) => {
+                let first = self.served.borrow().is_none();
+                if first {
+                    log(
+                        LogLevel::Info,
+                        &format!("tollgate: {} models served", set.len()),
+                    );
+                    if let Some(d) = &self.config.discovery {
+                        let _ = hostcalls::set_tick_period(Duration::from_millis(d.interval_ms));
+                    }
+                }
+                *self.served.borrow_mut() = Some(set);
+            }
+            Err(e) => log(LogLevel::Warn, &format!("tollgate: model discovery: {e}")),
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -31,19 +116,29 @@ impl RootContext for Root {
             .unwrap_or_default();
         match Config::from_json(&bytes) {
             Ok(config) => {
+                if config.discovery.is_some() {
+                    // Poll quickly until the first answer, then at the configured interval.
+                    let _ = hostcalls::set_tick_period(Duration::from_millis(200));
+                }
                 self.config = Rc::new(config);
                 true
             }
             Err(e) => {
-                let _ = hostcalls::log(LogLevel::Error, &format!("tollgate: {e}"));
+                log(LogLevel::Error, &format!("tollgate: {e}"));
                 false
             }
         }
     }
 
+    fn on_tick(&mut self) {
+        self.poll();
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Stream {
+        Some(Box::new(StreamContext {
             config: Rc::clone(&self.config),
+            served: Rc::clone(&self.served),
+            stream: Stream::default(),
         }))
     }
 
@@ -52,18 +147,53 @@ impl RootContext for Root {
     }
 }
 
-struct Stream {
+struct StreamContext {
     config: Rc<Config>,
+    served: Served,
+    stream: Stream,
 }
 
-impl Context for Stream {}
+impl Context for StreamContext {}
 
-impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        match http_filter::on_request_headers(&mut Envoy, &self.config) {
-            http_filter::Action::Continue => Action::Continue,
-            http_filter::Action::Pause => Action::Pause,
-        }
+fn action(a: http_filter::Action) -> Action {
+    match a {
+        http_filter::Action::Continue => Action::Continue,
+        http_filter::Action::Pause => Action::Pause,
+    }
+}
+
+impl HttpContext for StreamContext {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        action(
+            self.stream
+                .on_request_headers(&mut Envoy, &self.config, end_of_stream),
+        )
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let served = self.served.borrow();
+        action(self.stream.on_request_body(
+            &mut Envoy,
+            &self.config,
+            body_size,
+            end_of_stream,
+            served.as_ref(),
+        ))
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        action(self.stream.on_response_headers(&mut Envoy))
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        action(
+            self.stream
+                .on_response_body(&mut Envoy, body_size, end_of_stream),
+        )
+    }
+
+    fn on_log(&mut self) {
+        self.stream.on_log(&mut Envoy, &self.config);
     }
 }
 
@@ -77,8 +207,26 @@ impl Host for Envoy {
             .flatten()
     }
 
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+        if hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value).is_err() {
+            log(
+                LogLevel::Warn,
+                &format!("tollgate: cannot set request header {name}"),
+            );
+        }
+    }
+
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         hostcalls::get_property(path.to_vec()).ok().flatten()
+    }
+
+    fn set_property(&mut self, name: &str, value: &str) {
+        if hostcalls::set_property(vec![name], Some(value.as_bytes())).is_err() {
+            log(
+                LogLevel::Warn,
+                &format!("tollgate: cannot set filter state {name}"),
+            );
+        }
     }
 
     fn send_local_reply(&mut self, status: u16, headers: &[(&str, &str)], body: &str) {
@@ -87,10 +235,61 @@ impl Host for Envoy {
             headers.to_vec(),
             Some(body.as_bytes()),
         ) {
-            let _ = hostcalls::log(
+            log(
                 LogLevel::Error,
                 &format!("tollgate: local reply failed: {status:?}"),
             );
         }
+    }
+
+    fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+            .ok()
+            .flatten()
+    }
+
+    fn set_request_body(&mut self, size: usize, body: &[u8]) {
+        if hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, body).is_err() {
+            log(LogLevel::Warn, "tollgate: cannot replace the request body");
+        }
+    }
+
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+            .ok()
+            .flatten()
+    }
+
+    fn set_response_header(&mut self, name: &str, value: Option<&str>) {
+        if hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value).is_err() {
+            log(
+                LogLevel::Warn,
+                &format!("tollgate: cannot set response header {name}"),
+            );
+        }
+    }
+
+    fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
+            .ok()
+            .flatten()
+    }
+
+    fn set_response_body(&mut self, size: usize, body: &[u8]) {
+        if hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, body).is_err() {
+            log(LogLevel::Warn, "tollgate: cannot replace the response body");
+        }
+    }
+
+    fn now_secs(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    fn log_warn(&self, message: &str) {
+        log(LogLevel::Warn, message);
     }
 }

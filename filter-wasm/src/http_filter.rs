@@ -1,66 +1,126 @@
 //! Owns what the filter does per request, written against a small [`Host`] trait so it runs
 //! natively under a fake host in tests; the proxy-wasm glue implements the trait with hostcalls.
+//!
+//! Request: block management endpoints on the normalised path; plan the translation from the
+//! path; read the JSON body once (capped), translate it, check the model against the key's
+//! allowlist (from tollgate-authz's metadata) and the served set, rewrite path and body.
+//! Response: translate or count chunk by chunk without holding complete lines back, filter
+//! model listings to the caller's models, turn upstream errors into Tollgate's error shape.
+//! Log: publish the counted tokens and the model as filter state for the rate limiter's
+//! stream-done debit and the access log.
 
-use tollgate_core::error_body;
+use tollgate_core::{error_body, metadata};
 
 use crate::config::Config;
+use crate::discovery::ModelSet;
+use crate::model_gate;
 use crate::path_guard::{decide, Decision, InvalidPath};
+use crate::transcoder::{self, ResponseMeta, ResponseTranscoder};
+use crate::translate::{plan_request, upstream_error, RequestPlan, ResponseKind, ResponsePlan};
 
 /// The host calls the filter logic needs. Reads return `None` when the value is missing or the
 /// host refused the call: the logic decides what that means, never a panic.
 pub trait Host {
     /// A request header's raw value (`:path`, …).
     fn request_header(&self, name: &str) -> Option<Vec<u8>>;
+    /// Sets (or with `None` removes) a request header. Only while request headers are held.
+    fn set_request_header(&mut self, name: &str, value: Option<&str>);
     /// An Envoy attribute such as `["request", "id"]`.
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// Sets filter state `wasm.<name>`.
+    fn set_property(&mut self, name: &str, value: &str);
     /// Ends the stream with a locally generated response.
     fn send_local_reply(&mut self, status: u16, headers: &[(&str, &str)], body: &str);
+    /// The buffered request body, bytes `0..size`.
+    fn request_body(&self, size: usize) -> Option<Vec<u8>>;
+    /// Replaces the buffered request body (`size` bytes) with `body`.
+    fn set_request_body(&mut self, size: usize, body: &[u8]);
+    fn response_header(&self, name: &str) -> Option<Vec<u8>>;
+    fn set_response_header(&mut self, name: &str, value: Option<&str>);
+    /// The current response body chunk (`size` bytes).
+    fn response_body(&self, size: usize) -> Option<Vec<u8>>;
+    /// Replaces the current response body chunk with `body`.
+    fn set_response_body(&mut self, size: usize, body: &[u8]);
+    /// Unix seconds.
+    fn now_secs(&self) -> u64;
+    fn log_warn(&self, message: &str);
 }
 
 /// What the host should do with the stream after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Continue,
-    /// The filter sent a local reply (or waits for something); do not forward.
+    /// The filter sent a local reply, or waits for more body; do not forward yet.
     Pause,
 }
 
 pub const BLOCKED_MESSAGE: &str = "this endpoint is disabled on this gateway";
+/// Upstream error bodies are read up to this for their message; past it, a generic one.
+const ERROR_BODY_MAX: usize = 64 * 1024;
+/// Model listings are read up to this to be filtered; past it the listing is refused.
+const LISTING_MAX: usize = 4 * 1024 * 1024;
 
-/// Request headers phase: block the model server's mutating endpoints, reject unreadable paths.
-/// The HTTP method is not consulted: a blocked endpoint is blocked for every method.
-pub fn on_request_headers(host: &mut impl Host, config: &Config) -> Action {
-    // A request without a `:path` (plain CONNECT) has nothing to route on here; refuse it
-    // rather than guess, since this gateway only serves HTTP APIs.
-    let decision = match host.request_header(":path").map(String::from_utf8) {
-        Some(Ok(path)) => decide(&path, &config.blocklist),
-        Some(Err(_)) => Decision::Invalid(InvalidPath::NotUtf8),
-        None => Decision::Invalid(InvalidPath::NotOriginForm),
-    };
-    match decision {
-        Decision::Allow => Action::Continue,
-        Decision::Block => {
-            send_error(host, 403, "endpoint_blocked", BLOCKED_MESSAGE);
-            Action::Pause
-        }
-        Decision::Invalid(why) => {
-            send_error(host, 400, "invalid_path", &why.to_string());
-            Action::Pause
+/// How the response of one request is handled.
+enum Response {
+    /// Forwarded untouched.
+    Untouched,
+    Transcode(Box<ResponseTranscoder>),
+    /// A model listing, collected and filtered to the caller's models at the end.
+    Listing {
+        transcoder: Box<ResponseTranscoder>,
+        collected: Vec<u8>,
+        too_large: bool,
+    },
+    /// An upstream error of a request the gateway passed through: rewritten at the end.
+    UpstreamError {
+        status: u16,
+        collected: Vec<u8>,
+    },
+}
+
+/// Per-request state.
+pub struct Stream {
+    plan: Option<RequestPlan>,
+    response_plan: Option<ResponsePlan>,
+    listing: bool,
+    response: Response,
+    out: Vec<u8>,
+    received: usize,
+    failed: bool,
+}
+
+impl Default for Stream {
+    fn default() -> Self {
+        Stream {
+            plan: None,
+            response_plan: None,
+            listing: false,
+            response: Response::Untouched,
+            out: Vec::new(),
+            received: 0,
+            failed: false,
         }
     }
 }
 
+fn header_text(bytes: Option<Vec<u8>>) -> Option<String> {
+    bytes.and_then(|b| String::from_utf8(b).ok())
+}
+
+fn request_id(host: &impl Host) -> String {
+    host.property(&["request", "id"])
+        .map(|id| String::from_utf8_lossy(&id).into_owned())
+        .unwrap_or_default()
+}
+
 /// Sends Tollgate's JSON error, echoing Envoy's request id in the body and `x-request-id`.
 fn send_error(host: &mut impl Host, status: u16, code: &str, message: &str) {
-    let request_id = host
-        .property(&["request", "id"])
-        .map(|id| String::from_utf8_lossy(&id).into_owned())
-        .unwrap_or_default();
+    let request_id = request_id(host);
     let body = error_body::render(status, code, message, &request_id);
     // The error code header is what the audit log records as the reason.
     let mut headers = vec![
         ("content-type", "application/json"),
-        (tollgate_core::metadata::HEADER_ERROR, code),
+        (metadata::HEADER_ERROR, code),
     ];
     if !request_id.is_empty() {
         headers.push(("x-request-id", request_id.as_str()));
@@ -68,10 +128,356 @@ fn send_error(host: &mut impl Host, status: u16, code: &str, message: &str) {
     host.send_local_reply(status, &headers, &body);
 }
 
+fn is_listing(path: &str) -> bool {
+    let bare = path.split(['?', '#']).next().unwrap_or("");
+    matches!(bare.trim_end_matches('/'), "/v1/models" | "/api/tags")
+}
+
+impl Stream {
+    /// Request headers: block, plan, and hold the headers while the body is read.
+    pub fn on_request_headers(
+        &mut self,
+        host: &mut impl Host,
+        config: &Config,
+        end_of_stream: bool,
+    ) -> Action {
+        // A request without a `:path` (plain CONNECT) has nothing to route on here; refuse it
+        // rather than guess, since this gateway only serves HTTP APIs.
+        let path = match host.request_header(":path").map(String::from_utf8) {
+            Some(Ok(path)) => path,
+            Some(Err(_)) => return self.refuse_path(host, InvalidPath::NotUtf8),
+            None => return self.refuse_path(host, InvalidPath::NotOriginForm),
+        };
+        match decide(&path, &config.blocklist) {
+            Decision::Allow => {}
+            Decision::Block => {
+                send_error(host, 403, "endpoint_blocked", BLOCKED_MESSAGE);
+                return Action::Pause;
+            }
+            Decision::Invalid(why) => return self.refuse_path(host, why),
+        }
+        let route = header_text(host.property(&["xds", "route_name"]));
+        let plan = match plan_request(config.upstream_for(route.as_deref()), &path) {
+            Ok(p) => p,
+            Err(e) => {
+                send_error(host, e.status(), e.code(), &e.to_string());
+                return Action::Pause;
+            }
+        };
+        self.listing = is_listing(&path);
+        let counts = plan.reads_body;
+        if counts || self.listing {
+            // The response is parsed: it must arrive uncompressed.
+            host.set_request_header("accept-encoding", None);
+        }
+        if plan.reads_body && !end_of_stream {
+            self.plan = Some(plan);
+            return Action::Pause;
+        }
+        // No body to read (model listings, opaque paths, or a body-less request).
+        self.plan = Some(plan);
+        self.finish_request(host, config, &[], None, None)
+    }
+
+    fn refuse_path(&mut self, host: &mut impl Host, why: InvalidPath) -> Action {
+        send_error(host, 400, "invalid_path", &why.to_string());
+        Action::Pause
+    }
+
+    /// Request body: wait for all of it (capped), then translate and check the model.
+    pub fn on_request_body(
+        &mut self,
+        host: &mut impl Host,
+        config: &Config,
+        size: usize,
+        end_of_stream: bool,
+        served: Option<&ModelSet>,
+    ) -> Action {
+        if self.failed {
+            return Action::Pause;
+        }
+        let Some(plan) = &self.plan else {
+            return Action::Continue;
+        };
+        if !plan.reads_body {
+            return Action::Continue;
+        }
+        self.received = size;
+        if size > config.max_body_bytes {
+            self.failed = true;
+            send_error(
+                host,
+                413,
+                "request_too_large",
+                "the request body is too large",
+            );
+            return Action::Pause;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = host.request_body(size).unwrap_or_default();
+        self.finish_request(host, config, &body, Some(size), served)
+    }
+
+    /// Translates, checks the model, rewrites the request, remembers the response plan.
+    fn finish_request(
+        &mut self,
+        host: &mut impl Host,
+        config: &Config,
+        body: &[u8],
+        body_size: Option<usize>,
+        served: Option<&ModelSet>,
+    ) -> Action {
+        let Some(plan) = &self.plan else {
+            return Action::Continue;
+        };
+        let translated = match plan.translate_body(body, &config.request_options) {
+            Ok(t) => t,
+            Err(e) => {
+                self.failed = true;
+                send_error(host, e.status(), e.code(), &e.to_string());
+                return Action::Pause;
+            }
+        };
+        if let Some(model) = translated.model() {
+            let allow = model_gate::allowlist(
+                header_text(host.property(&[
+                    "metadata",
+                    "filter_metadata",
+                    metadata::AUTHZ_NAMESPACE,
+                    metadata::MODELS,
+                ]))
+                .as_deref(),
+            );
+            if let Err(r) = model_gate::check(model, &allow, served, config.discovery.is_some()) {
+                self.failed = true;
+                send_error(host, r.status, r.code, r.message);
+                return Action::Pause;
+            }
+            host.set_property(metadata::FILTER_STATE_MODEL, model);
+        }
+        if let Some(path) = &translated.path {
+            host.set_request_header(":path", Some(path));
+        }
+        for (name, value) in translated.headers {
+            host.set_request_header(name, Some(value));
+        }
+        if let (Some(new), Some(size)) = (&translated.body, body_size) {
+            host.set_request_body(size, new);
+            host.set_request_header("content-length", Some(&new.len().to_string()));
+        }
+        let counted = translated.response.kind != ResponseKind::Opaque;
+        if counted || self.listing {
+            self.response_plan = Some(translated.response);
+        }
+        Action::Continue
+    }
+
+    /// Response headers: decide how the body is handled and fix the headers for it.
+    pub fn on_response_headers(&mut self, host: &mut impl Host) -> Action {
+        let Some(plan) = &self.response_plan else {
+            return Action::Continue;
+        };
+        let status = header_text(host.response_header(":status"))
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(0);
+        // The gateway's own replies (a 429 from the rate limiter, …) pass through untouched.
+        let from_upstream = host.property(&["response", "code_details"]).as_deref()
+            == Some(b"via_upstream".as_slice());
+        if !from_upstream {
+            return Action::Continue;
+        }
+        let meta = ResponseMeta {
+            request_id: request_id(host),
+            created: host.now_secs(),
+        };
+        let transcoder = ResponseTranscoder::new(plan, status, meta, transcoder::Limits::default());
+        let translated = !matches!(
+            plan.kind,
+            ResponseKind::Opaque
+                | ResponseKind::OpenAiPassthrough
+                | ResponseKind::OllamaPassthrough
+                | ResponseKind::AnthropicPassthrough
+        );
+        self.response = if status >= 400 && !translated {
+            Response::UpstreamError {
+                status,
+                collected: Vec::new(),
+            }
+        } else if self.listing && (200..300).contains(&status) {
+            Response::Listing {
+                transcoder: Box::new(transcoder),
+                collected: Vec::new(),
+                too_large: false,
+            }
+        } else {
+            Response::Transcode(Box::new(transcoder))
+        };
+        let rewrites = match &self.response {
+            Response::Untouched => false,
+            Response::Transcode(t) => t.rewrites_body(),
+            Response::Listing { .. } | Response::UpstreamError { .. } => true,
+        };
+        if rewrites {
+            host.set_response_header("content-length", None);
+        }
+        let content_type = match &self.response {
+            Response::Transcode(t) => t.content_type(),
+            Response::Listing { .. } | Response::UpstreamError { .. } => Some("application/json"),
+            Response::Untouched => None,
+        };
+        if let Some(ct) = content_type {
+            host.set_response_header("content-type", Some(ct));
+        }
+        if let Response::UpstreamError { status, .. } = &self.response {
+            // Never let a model server's auth failure read as the client's own key failing.
+            if *status == 401 || *status == 403 {
+                host.set_response_header(":status", Some("502"));
+            }
+        }
+        Action::Continue
+    }
+
+    /// Response body: rewrite or count this chunk; at the end, flush.
+    pub fn on_response_body(
+        &mut self,
+        host: &mut impl Host,
+        size: usize,
+        end_of_stream: bool,
+    ) -> Action {
+        let chunk = if size > 0 {
+            host.response_body(size).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        self.out.clear();
+        let mut replace = true;
+        match &mut self.response {
+            Response::Untouched => return Action::Continue,
+            Response::Transcode(t) => {
+                replace = t.rewrites_body();
+                let mut result = t.push_into(&chunk, &mut self.out);
+                if end_of_stream && result.is_ok() {
+                    result = t.finish_into(&mut self.out);
+                }
+                if let Err(e) = result {
+                    if !self.failed {
+                        host.log_warn(&format!("tollgate: response stream: {e}"));
+                    }
+                    self.failed = true;
+                    // Past a failure nothing half-translated reaches the client.
+                    if replace {
+                        self.out.clear();
+                    } else {
+                        return Action::Continue;
+                    }
+                }
+            }
+            Response::Listing {
+                transcoder,
+                collected,
+                too_large,
+            } => {
+                if !*too_large {
+                    let r = transcoder.push_into(&chunk, collected);
+                    if r.is_err() || collected.len() > LISTING_MAX {
+                        *too_large = true;
+                        collected.clear();
+                    }
+                }
+                if end_of_stream {
+                    if !*too_large && transcoder.finish_into(collected).is_err() {
+                        *too_large = true;
+                    }
+                    let allow = model_gate::allowlist(
+                        header_text(host.property(&[
+                            "metadata",
+                            "filter_metadata",
+                            metadata::AUTHZ_NAMESPACE,
+                            metadata::MODELS,
+                        ]))
+                        .as_deref(),
+                    );
+                    self.out = if *too_large {
+                        br#"{"object":"list","data":[]}"#.to_vec()
+                    } else {
+                        model_gate::filter_listing(collected, &allow)
+                    };
+                }
+            }
+            Response::UpstreamError { status, collected } => {
+                if collected.len() < ERROR_BODY_MAX {
+                    let room = ERROR_BODY_MAX - collected.len();
+                    collected.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
+                if end_of_stream {
+                    let rid = request_id(host);
+                    let status = *status;
+                    let body = if status == 401 || status == 403 {
+                        error_body::render(
+                            502,
+                            "upstream_auth_failed",
+                            "the model server refused the gateway's credentials",
+                            &rid,
+                        )
+                    } else {
+                        upstream_error::render(status, Some(collected), &rid)
+                    };
+                    self.out = body.into_bytes();
+                }
+            }
+        }
+        if replace {
+            host.set_response_body(size, &self.out);
+        }
+        Action::Continue
+    }
+
+    /// Stream done (also on client abort): publish the counted tokens.
+    pub fn on_log(&mut self, host: &mut impl Host, config: &Config) {
+        let via_upstream = host.property(&["response", "code_details"]).as_deref()
+            == Some(b"via_upstream".as_slice());
+        if !via_upstream {
+            return;
+        }
+        let (prompt, completion, reported) = match &self.response {
+            Response::Transcode(t) | Response::Listing { transcoder: t, .. } => {
+                let u = t.usage();
+                (u.prompt, u.completion, t.usage_reported())
+            }
+            _ => (0, 0, false),
+        };
+        let counted = self
+            .response_plan
+            .as_ref()
+            .is_some_and(|p| p.kind != ResponseKind::Opaque && p.model.is_some());
+        if !counted {
+            return;
+        }
+        host.set_property(metadata::FILTER_STATE_TOKENS_IN, &prompt.to_string());
+        host.set_property(metadata::FILTER_STATE_TOKENS_OUT, &completion.to_string());
+        // Nothing reported (aborted stream, upstream without usage): debit the reservation so
+        // an unreported response is never free.
+        let total = if reported {
+            prompt + completion
+        } else {
+            config.default_reservation_tokens
+        };
+        host.set_property(metadata::FILTER_STATE_TOKENS, &total.to_string());
+    }
+}
+
+/// Request-headers phase as a free function (kept for callers that only block).
+pub fn on_request_headers(host: &mut impl Host, config: &Config) -> Action {
+    Stream::default().on_request_headers(host, config, true)
+}
+
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     struct Reply {
         status: u16,
@@ -79,10 +485,16 @@ mod tests {
         body: String,
     }
 
+    #[derive(Default)]
     struct FakeHost {
         headers: Vec<(String, Vec<u8>)>,
         request_id: Option<String>,
         reply: Option<Reply>,
+        properties: HashMap<String, Vec<u8>>,
+        state: HashMap<String, String>,
+        request_body: Vec<u8>,
+        response_headers: Vec<(String, String)>,
+        response_chunk: Vec<u8>,
     }
 
     impl FakeHost {
@@ -93,8 +505,16 @@ mod tests {
                     (":path".into(), path.into()),
                 ],
                 request_id: Some("rid-42".into()),
-                reply: None,
+                ..Default::default()
             }
+        }
+
+        fn with_models(mut self, models: &str) -> Self {
+            self.properties.insert(
+                "metadata/filter_metadata/envoy.filters.http.ext_authz/models".into(),
+                models.as_bytes().to_vec(),
+            );
+            self
         }
 
         fn reply_json(&self) -> serde_json::Value {
@@ -110,6 +530,18 @@ mod tests {
                 .find(|(n, _)| n == name)
                 .map(|(_, v)| v.as_str())
         }
+
+        fn header(&self, name: &str) -> Option<String> {
+            self.request_header(name)
+                .map(|v| String::from_utf8(v).unwrap())
+        }
+
+        fn response_header_value(&self, name: &str) -> Option<&str> {
+            self.response_headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        }
     }
 
     impl Host for FakeHost {
@@ -120,11 +552,22 @@ mod tests {
                 .map(|(_, v)| v.clone())
         }
 
+        fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+            self.headers.retain(|(n, _)| n != name);
+            if let Some(v) = value {
+                self.headers.push((name.into(), v.as_bytes().to_vec()));
+            }
+        }
+
         fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
             match path {
                 ["request", "id"] => self.request_id.clone().map(String::into_bytes),
-                _ => None,
+                _ => self.properties.get(&path.join("/")).cloned(),
             }
+        }
+
+        fn set_property(&mut self, name: &str, value: &str) {
+            self.state.insert(name.into(), value.into());
         }
 
         fn send_local_reply(&mut self, status: u16, headers: &[(&str, &str)], body: &str) {
@@ -139,6 +582,84 @@ mod tests {
                 body: body.to_owned(),
             });
         }
+
+        fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+            Some(self.request_body[..size.min(self.request_body.len())].to_vec())
+        }
+
+        fn set_request_body(&mut self, _size: usize, body: &[u8]) {
+            self.request_body = body.to_vec();
+        }
+
+        fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+            self.response_header_value(name)
+                .map(|v| v.as_bytes().to_vec())
+        }
+
+        fn set_response_header(&mut self, name: &str, value: Option<&str>) {
+            self.response_headers.retain(|(n, _)| n != name);
+            if let Some(v) = value {
+                self.response_headers.push((name.into(), v.into()));
+            }
+        }
+
+        fn response_body(&self, _size: usize) -> Option<Vec<u8>> {
+            Some(self.response_chunk.clone())
+        }
+
+        fn set_response_body(&mut self, _size: usize, body: &[u8]) {
+            self.response_chunk = body.to_vec();
+        }
+
+        fn now_secs(&self) -> u64 {
+            1_700_000_000
+        }
+
+        fn log_warn(&self, _message: &str) {}
+    }
+
+    fn ollama() -> Config {
+        Config::from_json(br#"{"upstream":"ollama"}"#).unwrap()
+    }
+
+    /// Runs a request with a JSON body through the request callbacks.
+    fn send(
+        host: &mut FakeHost,
+        config: &Config,
+        body: &str,
+        served: Option<&ModelSet>,
+    ) -> (Stream, Action) {
+        let mut s = Stream::default();
+        host.request_body = body.as_bytes().to_vec();
+        assert_eq!(s.on_request_headers(host, config, false), Action::Pause);
+        let action = s.on_request_body(host, config, body.len(), true, served);
+        (s, action)
+    }
+
+    /// Feeds response chunks; returns what the client got.
+    fn respond(
+        host: &mut FakeHost,
+        s: &mut Stream,
+        status: &str,
+        chunks: &[&[u8]],
+        via_upstream: bool,
+    ) -> Vec<u8> {
+        host.response_headers = vec![
+            (":status".into(), status.into()),
+            ("content-length".into(), "1".into()),
+        ];
+        if via_upstream {
+            host.properties
+                .insert("response/code_details".into(), b"via_upstream".to_vec());
+        }
+        s.on_response_headers(host);
+        let mut out = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            host.response_chunk = c.to_vec();
+            s.on_response_body(host, c.len(), i + 1 == chunks.len());
+            out.extend_from_slice(&host.response_chunk);
+        }
+        out
     }
 
     #[test]
@@ -211,21 +732,217 @@ mod tests {
     }
 
     #[test]
-    fn allowed_path_continues_without_reply() {
-        let mut host = FakeHost::request("POST", "/v1/chat/completions");
-        assert_eq!(
-            on_request_headers(&mut host, &Config::default()),
-            Action::Continue
-        );
-        assert!(host.reply.is_none());
-    }
-
-    #[test]
     fn missing_request_id_gives_empty_id_and_no_header() {
         let mut host = FakeHost::request("POST", "/api/delete");
         host.request_id = None;
         on_request_headers(&mut host, &Config::default());
         assert_eq!(host.reply_header("x-request-id"), None);
         assert_eq!(host.reply_json()["error"]["request_id"], "");
+    }
+
+    #[test]
+    fn openai_chat_to_ollama_is_rewritten_and_the_model_recorded() {
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("llama3*");
+        host.headers
+            .push(("accept-encoding".into(), b"gzip".to_vec()));
+        let body =
+            r#"{"model":"llama3.1:8b","messages":[{"role":"user","content":"hi"}],"max_tokens":7}"#;
+        let (_, action) = send(&mut host, &ollama(), body, None);
+        assert_eq!(action, Action::Continue);
+        assert!(host.reply.is_none());
+        assert_eq!(host.header(":path").as_deref(), Some("/api/chat"));
+        assert_eq!(
+            host.header("accept-encoding"),
+            None,
+            "the response must come uncompressed"
+        );
+        let sent: serde_json::Value = serde_json::from_slice(&host.request_body).unwrap();
+        assert_eq!(sent["options"]["num_predict"], 7);
+        assert_eq!(sent["stream"], false);
+        assert_eq!(
+            host.header("content-length"),
+            Some(host.request_body.len().to_string())
+        );
+        assert_eq!(
+            host.state.get("tollgate_model").map(String::as_str),
+            Some("llama3.1:8b")
+        );
+    }
+
+    #[test]
+    fn model_outside_the_allowlist_or_the_served_set_is_refused() {
+        let body = r#"{"model":"qwen2:0.5b","messages":[{"role":"user","content":"hi"}]}"#;
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("llama3*");
+        send(&mut host, &ollama(), body, None);
+        assert_eq!(host.reply.as_ref().unwrap().status, 403);
+        assert_eq!(host.reply_json()["error"]["code"], "model_not_allowed");
+
+        let mut host = FakeHost::request("POST", "/v1/chat/completions");
+        send(&mut host, &ollama(), body, None);
+        assert_eq!(
+            host.reply_json()["error"]["code"],
+            "model_not_allowed",
+            "no metadata allows nothing"
+        );
+
+        let discovering = Config::from_json(
+            br#"{"upstream":"ollama","discovery":{"cluster":"model","path":"/api/tags"}}"#,
+        )
+        .unwrap();
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        send(&mut host, &discovering, body, None);
+        assert_eq!(
+            host.reply.as_ref().unwrap().status,
+            503,
+            "unknown served set fails closed"
+        );
+        let served = ModelSet::from_names(["llama3.1:8b"]);
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        send(&mut host, &discovering, body, Some(&served));
+        assert_eq!(host.reply.as_ref().unwrap().status, 404);
+        assert_eq!(host.reply_json()["error"]["code"], "model_not_found");
+    }
+
+    #[test]
+    fn malformed_and_oversized_bodies_get_4xx() {
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        send(&mut host, &ollama(), "{not json", None);
+        assert_eq!(host.reply.as_ref().unwrap().status, 400);
+        assert_eq!(host.reply_json()["error"]["code"], "invalid_json");
+
+        let small = Config::from_json(br#"{"upstream":"ollama","max_body_bytes":16}"#).unwrap();
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        let mut s = Stream::default();
+        assert_eq!(
+            s.on_request_headers(&mut host, &small, false),
+            Action::Pause
+        );
+        assert_eq!(
+            s.on_request_body(&mut host, &small, 17, false, None),
+            Action::Pause
+        );
+        assert_eq!(host.reply.as_ref().unwrap().status, 413);
+    }
+
+    #[test]
+    fn ollama_stream_becomes_openai_sse_and_tokens_are_published_at_log() {
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        let body =
+            r#"{"model":"llama3.1:8b","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let (mut s, _) = send(&mut host, &ollama(), body, None);
+        let lines: [&[u8]; 3] = [
+            br#"{"model":"llama3.1:8b","created_at":"2024-07-23T10:00:00Z","message":{"role":"assistant","content":"Hel"},"done":false}"#,
+            b"\n{\"model\":\"llama3.1:8b\",\"created_at\":\"2024-07-23T10:00:00Z\",\"message\":{\"role\":\"assistant\",\"content\":\"lo\"},\"done\":false}\n",
+            br#"{"model":"llama3.1:8b","created_at":"2024-07-23T10:00:01Z","message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","prompt_eval_count":3,"eval_count":2}
+"#,
+        ];
+        let out = String::from_utf8(respond(&mut host, &mut s, "200", &lines, true)).unwrap();
+        assert_eq!(
+            host.response_header_value("content-type"),
+            Some("text/event-stream")
+        );
+        assert_eq!(host.response_header_value("content-length"), None);
+        assert!(
+            out.contains(r#""content":"Hel""#) && out.contains(r#""content":"lo""#),
+            "{out}"
+        );
+        assert!(out.trim_end().ends_with("data: [DONE]"), "{out}");
+        s.on_log(&mut host, &ollama());
+        assert_eq!(
+            host.state.get("tollgate_tokens_in").map(String::as_str),
+            Some("3")
+        );
+        assert_eq!(
+            host.state.get("tollgate_tokens_out").map(String::as_str),
+            Some("2")
+        );
+        assert_eq!(
+            host.state.get("tollgate_tokens").map(String::as_str),
+            Some("5")
+        );
+    }
+
+    #[test]
+    fn unreported_usage_debits_the_reservation_and_local_replies_debit_nothing() {
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+        let (mut s, _) = send(&mut host, &Config::default(), body, None);
+        respond(&mut host, &mut s, "200", &[br#"{"choices":[]}"#], true);
+        s.on_log(&mut host, &Config::default());
+        assert_eq!(
+            host.state.get("tollgate_tokens").map(String::as_str),
+            Some("1024")
+        );
+
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        let (mut s, _) = send(&mut host, &Config::default(), body, None);
+        let out = respond(
+            &mut host,
+            &mut s,
+            "429",
+            &[br#"{"error":{"code":"rate_limited"}}"#],
+            false,
+        );
+        assert_eq!(
+            out, br#"{"error":{"code":"rate_limited"}}"#,
+            "the gateway's own 429 is untouched"
+        );
+        s.on_log(&mut host, &Config::default());
+        assert!(!host.state.contains_key("tollgate_tokens"));
+    }
+
+    #[test]
+    fn upstream_errors_are_sanitised_and_auth_failures_become_502() {
+        let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        let (mut s, _) = send(&mut host, &Config::default(), body, None);
+        let out = respond(
+            &mut host,
+            &mut s,
+            "500",
+            &[b"Traceback at /srv/internal/host-7: boom"],
+            true,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["error"]["request_id"], "rid-42");
+        assert!(
+            !String::from_utf8_lossy(&out).contains("/srv/internal"),
+            "upstream internals leaked"
+        );
+
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        let (mut s, _) = send(&mut host, &Config::default(), body, None);
+        let out = respond(
+            &mut host,
+            &mut s,
+            "401",
+            &[br#"{"error":{"message":"Incorrect API key provided: sk-abc***"}}"#],
+            true,
+        );
+        assert_eq!(host.response_header_value(":status"), Some("502"));
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["error"]["code"], "upstream_auth_failed");
+        assert!(!String::from_utf8_lossy(&out).contains("sk-abc"));
+    }
+
+    #[test]
+    fn model_listings_are_filtered_to_the_callers_models() {
+        let mut host = FakeHost::request("GET", "/v1/models").with_models("llama3*");
+        let mut s = Stream::default();
+        assert_eq!(
+            s.on_request_headers(&mut host, &ollama(), true),
+            Action::Continue
+        );
+        assert_eq!(host.header(":path").as_deref(), Some("/api/tags"));
+        let tags: &[u8] = br#"{"models":[{"name":"llama3.1:8b","model":"llama3.1:8b","modified_at":"2024-07-23T10:00:00Z","size":1,"digest":"a","details":{}},{"name":"qwen2:0.5b","model":"qwen2:0.5b","modified_at":"2024-07-23T10:00:00Z","size":1,"digest":"b","details":{}}]}"#;
+        let out = respond(&mut host, &mut s, "200", &[&tags[..40], &tags[40..]], true);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let ids: Vec<&str> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["llama3.1:8b"]);
     }
 }

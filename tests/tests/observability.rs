@@ -100,6 +100,12 @@ fn allowed_and_denied_requests_become_exact_metrics_and_audit_rows_without_conte
         assert_eq!(r["key_id"], key_id.as_str());
         assert_eq!(r["tenant_id"], tenant_id.as_str());
         assert_eq!(r["operation"], "chat");
+        assert_eq!(r["model"], "gpt-4o-mini");
+        assert_eq!(
+            (r["tokens_in"].as_u64(), r["tokens_out"].as_u64()),
+            (Some(1), Some(5)),
+            "{r}"
+        );
         assert_eq!(r["client_ip"], "127.0.0.1");
         assert!(
             rids.contains(&r["request_id"].as_str().unwrap().to_string()),
@@ -118,7 +124,9 @@ fn allowed_and_denied_requests_become_exact_metrics_and_audit_rows_without_conte
     assert_eq!(
         series(
             &after,
-            &format!("gateway_requests_total{{model=\"none\",status=\"200\",tenant=\"{t}\"}}")
+            &format!(
+                "gateway_requests_total{{model=\"gpt-4o-mini\",status=\"200\",tenant=\"{t}\"}}"
+            )
         ),
         3.0,
         "{after}"
@@ -126,10 +134,22 @@ fn allowed_and_denied_requests_become_exact_metrics_and_audit_rows_without_conte
     assert_eq!(
         series(
             &after,
-            &format!("gateway_requests_total{{model=\"none\",status=\"429\",tenant=\"{t}\"}}")
+            &format!(
+                "gateway_requests_total{{model=\"gpt-4o-mini\",status=\"429\",tenant=\"{t}\"}}"
+            )
         ),
         1.0
     );
+    // The mock reports 1 prompt token (one word) and 5 completion tokens per request.
+    let tokens = |dir: &str| {
+        series(
+            &after,
+            &format!(
+                "gateway_tokens_total{{direction=\"{dir}\",model=\"gpt-4o-mini\",tenant=\"{t}\"}}"
+            ),
+        )
+    };
+    assert_eq!((tokens("in"), tokens("out")), (3.0, 15.0), "{after}");
     assert_eq!(
         series(
             &after,
