@@ -39,6 +39,8 @@ pub struct StackOptions {
     pub pin_cpus: bool,
     /// Envoy worker threads.
     pub envoy_concurrency: u32,
+    /// Models the mock serves (comma-separated); its default list when `None`.
+    pub mock_models: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -60,6 +62,7 @@ impl Default for StackOptions {
             envoy_http_filters: None,
             pin_cpus: false,
             envoy_concurrency: 1,
+            mock_models: None,
         }
     }
 }
@@ -166,6 +169,9 @@ impl Stack {
                 let mut cmd = pinned(&paths::binary("mock-model-server"), side_cpu);
                 let listen = format!("127.0.0.1:{}", opts.mock_port.unwrap_or(0));
                 cmd.args(["--listen", &listen]);
+                if let Some(models) = &opts.mock_models {
+                    cmd.args(["--models", models]);
+                }
                 let mut p = Proc::spawn("mock-model-server", cmd, &dir)?;
                 let addr = p.wait_for_line("LISTENING ", READY)?;
                 (Some(p), ("127.0.0.1".to_string(), port_of(&addr)?))
