@@ -40,6 +40,9 @@ pub const FILTER_STATE_MODEL: &str = "tollgate_model";
 pub const FILTER_STATE_TOKENS_IN: &str = "tollgate_tokens_in";
 pub const FILTER_STATE_TOKENS_OUT: &str = "tollgate_tokens_out";
 pub const FILTER_STATE_TOKENS: &str = "tollgate_tokens";
+/// Tokens reserved at admission (max_tokens or a default, plus the prompt estimate); the
+/// rate limiter admits against it and reconciles with `tollgate_tokens` at stream end.
+pub const FILTER_STATE_RESERVATION: &str = "tollgate_req";
 
 /// Response header naming the error code of a Tollgate refusal (`invalid_api_key`,
 /// `endpoint_blocked`, `rate_limited`, …): harmless to clients, read by the audit log.

@@ -128,6 +128,34 @@ fn send_error(host: &mut impl Host, status: u16, code: &str, message: &str) {
     host.send_local_reply(status, &headers, &body);
 }
 
+/// Tokens reserved before the real count is known: the completion budget the client asked
+/// for (`max_tokens`, `max_completion_tokens`, Ollama's `num_predict`) or the configured
+/// default, plus the prompt at about four bytes a token. Over-reserving only delays the
+/// next request until the stream-done debit refunds the difference.
+fn reservation(body: &[u8], default_completion: u64) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Options {
+        num_predict: Option<i64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Head {
+        max_tokens: Option<i64>,
+        max_completion_tokens: Option<i64>,
+        options: Option<Options>,
+    }
+    let head: Option<Head> = serde_json::from_slice(body).ok();
+    let asked = head.and_then(|h| {
+        h.max_completion_tokens
+            .or(h.max_tokens)
+            .or(h.options.and_then(|o| o.num_predict))
+    });
+    let completion = match asked {
+        Some(n) if n > 0 => n as u64,
+        _ => default_completion,
+    };
+    completion.saturating_add(body.len() as u64 / 4)
+}
+
 fn is_listing(path: &str) -> bool {
     let bare = path.split(['?', '#']).next().unwrap_or("");
     matches!(bare.trim_end_matches('/'), "/v1/models" | "/api/tags")
@@ -256,6 +284,8 @@ impl Stream {
                 return Action::Pause;
             }
             host.set_property(metadata::FILTER_STATE_MODEL, model);
+            let reserve = reservation(body, config.default_reservation_tokens);
+            host.set_property(metadata::FILTER_STATE_RESERVATION, &reserve.to_string());
         }
         if let Some(path) = &translated.path {
             host.set_request_header(":path", Some(path));
