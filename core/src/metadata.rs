@@ -22,6 +22,8 @@ pub const KEY_BUDGET_DAY: &str = "key_budget_day";
 pub const TENANT_BUDGET_DAY: &str = "tenant_budget_day";
 pub const KEY_BUDGET_MONTH: &str = "key_budget_month";
 pub const TENANT_BUDGET_MONTH: &str = "tenant_budget_month";
+/// `"1"` when the key's tenant opted in to prompt logging.
+pub const PROMPT_LOG: &str = "prompt_log";
 /// Max concurrent requests of a key (string of a number).
 pub const KEY_MAX_CONCURRENT: &str = "key_max_concurrent";
 
@@ -43,6 +45,8 @@ pub const FILTER_STATE_TOKENS: &str = "tollgate_tokens";
 /// Tokens reserved at admission (max_tokens or a default, plus the prompt estimate); the
 /// rate limiter admits against it and reconciles with `tollgate_tokens` at stream end.
 pub const FILTER_STATE_RESERVATION: &str = "tollgate_req";
+/// The request body of an opted-in tenant's request (capped), for the prompt log.
+pub const FILTER_STATE_PROMPT: &str = "tollgate_prompt";
 
 /// Response header naming the error code of a Tollgate refusal (`invalid_api_key`,
 /// `endpoint_blocked`, `rate_limited`, …): harmless to clients, read by the audit log.

@@ -115,6 +115,9 @@ pub fn identity_metadata(id: &Identity) -> Struct {
             TENANT_BUDGET_MONTH,
         ],
     );
+    if id.log_prompts {
+        fields.insert(PROMPT_LOG.into(), string_value("1"));
+    }
     if let Some(n) = id.policy.key_limits.max_concurrent {
         fields.insert(KEY_MAX_CONCURRENT.into(), string_value(&n.to_string()));
     }
@@ -297,6 +300,7 @@ mod tests {
             key_id: "key_1".into(),
             tenant_id: "ten_1".into(),
             policy: effective(&tenant, Some(&key)),
+            log_prompts: false,
         }
     }
 

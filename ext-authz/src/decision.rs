@@ -23,6 +23,8 @@ pub struct Identity {
     pub key_id: String,
     pub tenant_id: String,
     pub policy: EffectivePolicy,
+    /// The tenant opted in to prompt logging.
+    pub log_prompts: bool,
 }
 
 /// Why a request is refused. Messages never contain key material.
@@ -126,6 +128,7 @@ pub fn judge(stored: &KeyRecord, secret_ok: bool, now: i64) -> Result<Identity, 
         key_id: stored.id.clone(),
         tenant_id: stored.tenant_id.clone(),
         policy: policy::effective(&stored.tenant_policy, stored.key_policy.as_ref()),
+        log_prompts: stored.tenant_logs_prompts,
     })
 }
 
@@ -233,6 +236,7 @@ impl Authorizer {
                         ..Default::default()
                     }),
                 ),
+                log_prompts: false,
             });
         }
         let now = crate::time::unix_now();
@@ -312,6 +316,7 @@ mod tests {
             secret_hash: String::new(),
             tenant_id: "ten_1".into(),
             tenant_active: true,
+            tenant_logs_prompts: false,
             expires_at: None,
             revoked_at: None,
             tenant_policy: PolicyRow::default(),

@@ -103,6 +103,7 @@ mod tests {
             key_id: "key_1".into(),
             tenant_id: "ten_1".into(),
             policy: effective(&PolicyRow::default(), None),
+            log_prompts: false,
         }
     }
 

@@ -194,6 +194,7 @@ mod tests {
             latency_ms: 120,
             first_byte_ms: Some(20),
             client_ip: None,
+            prompt: None,
         }
     }
 

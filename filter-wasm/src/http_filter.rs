@@ -57,6 +57,8 @@ pub enum Action {
 pub const BLOCKED_MESSAGE: &str = "this endpoint is disabled on this gateway";
 /// Upstream error bodies are read up to this for their message; past it, a generic one.
 const ERROR_BODY_MAX: usize = 64 * 1024;
+/// An opted-in tenant's request body is logged up to this.
+const PROMPT_LOG_MAX: usize = 16 * 1024;
 /// Model listings are read up to this to be filtered; past it the listing is refused.
 const LISTING_MAX: usize = 4 * 1024 * 1024;
 
@@ -284,6 +286,22 @@ impl Stream {
                 return Action::Pause;
             }
             host.set_property(metadata::FILTER_STATE_MODEL, model);
+            let opted_in = host
+                .property(&[
+                    "metadata",
+                    "filter_metadata",
+                    metadata::AUTHZ_NAMESPACE,
+                    metadata::PROMPT_LOG,
+                ])
+                .as_deref()
+                == Some(b"1".as_slice());
+            if opted_in && !body.is_empty() {
+                let end = body.len().min(PROMPT_LOG_MAX);
+                host.set_property(
+                    metadata::FILTER_STATE_PROMPT,
+                    &String::from_utf8_lossy(&body[..end]),
+                );
+            }
             let reserve = reservation(body, config.default_reservation_tokens);
             host.set_property(metadata::FILTER_STATE_RESERVATION, &reserve.to_string());
         }

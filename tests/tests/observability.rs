@@ -248,3 +248,35 @@ fn readiness_follows_the_key_store_and_recovers() {
     pg.start_server().unwrap();
     wait_for(200);
 }
+
+#[test]
+fn prompt_logging_is_opt_in_per_tenant_and_kept_apart_from_audit() {
+    let stack = start(StackOptions::default());
+    let (_, logged_key) = stack.create_key("logged", None).unwrap();
+    let (_, quiet_key) = stack.create_key("quiet", None).unwrap();
+    stack.admin(&["tenant", "prompt-log", "logged", "--days", "7"]).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(chat(&stack, Some(&logged_key)).status, 200);
+    assert_eq!(chat(&stack, Some(&quiet_key)).status, 200);
+    let export = |tenant: &str| -> Vec<Value> {
+        let out = stack.admin(&["--json", "prompts", "--tenant", tenant, "--since", "1h"]).unwrap();
+        serde_json::from_str(out.trim()).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut logged = export("logged");
+    while logged.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        logged = export("logged");
+    }
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert!(logged[0]["body"].as_str().unwrap().contains(PROMPT_MARKER));
+    assert_eq!(logged[0]["model"], "gpt-4o-mini");
+    // The other tenant's prompt is nowhere, and audit rows hold no content for either.
+    audit(&stack);
+    assert!(export("quiet").is_empty());
+    let rows = serde_json::to_string(&audit(&stack)).unwrap();
+    assert!(!rows.contains(PROMPT_MARKER), "content in the audit log");
+    // Turning it off purges what was kept.
+    stack.admin(&["tenant", "prompt-log", "logged", "--days", "0"]).unwrap();
+    assert!(export("logged").is_empty());
+}

@@ -27,6 +27,9 @@ pub struct AuditEvent {
     /// From the first downstream byte to the first byte of the response to the client.
     pub first_byte_ms: Option<i64>,
     pub client_ip: Option<String>,
+    /// The request body, only for tenants that opted in to prompt logging; written to the
+    /// separate prompt log, never to the audit row.
+    pub prompt: Option<String>,
 }
 
 fn millis(d: &Option<PbDuration>) -> Option<i64> {
@@ -123,6 +126,7 @@ impl AuditEvent {
                 .unwrap_or(0),
             first_byte_ms: millis(&common.time_to_first_downstream_tx_byte),
             client_ip,
+            prompt: filter_state_text(fs, metadata::FILTER_STATE_PROMPT),
         }
     }
 }

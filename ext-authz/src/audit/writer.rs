@@ -83,6 +83,11 @@ pub async fn purge_loop(store: KeyStore, retention: Duration) {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "audit retention purge failed"),
         }
+        match store.purge_prompt_logs(crate::time::unix_now_ms()).await {
+            Ok(n) if n > 0 => tracing::info!(deleted = n, "prompt log retention purge"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "prompt log retention purge failed"),
+        }
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
 }

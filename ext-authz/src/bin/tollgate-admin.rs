@@ -46,6 +46,15 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Export a tenant's prompt log (only for tenants that opted in).
+    Prompts {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, default_value = "24h")]
+        since: String,
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+    },
     /// Export audit events (no content, no key material).
     Audit {
         /// Start: unix seconds, or an age like 15m, 24h, 7d.
@@ -92,6 +101,12 @@ enum TenantCommand {
     },
     Enable {
         name: String,
+    },
+    /// Log this tenant's request bodies for N days (0 turns it off and purges them).
+    PromptLog {
+        name: String,
+        #[arg(long)]
+        days: u32,
     },
 }
 
@@ -219,7 +234,8 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
 }
 
 fn tenant_json(t: &Tenant) -> Value {
-    json!({"id": t.id, "name": t.name, "status": t.status, "labels": t.labels, "created_at": t.created_at})
+    json!({"id": t.id, "name": t.name, "status": t.status, "labels": t.labels, "created_at": t.created_at,
+           "prompt_log_days": t.prompt_log_days})
 }
 
 fn key_json(k: &KeyInfo) -> Value {
@@ -298,6 +314,28 @@ async fn run(cli: Cli) -> Res<()> {
     let j = cli.json;
     match cli.command {
         Command::Migrate => println!("migrations applied"),
+        Command::Prompts {
+            tenant,
+            since,
+            limit,
+        } => {
+            let since_ms = parse_since(&since, tollgate_authz::time::unix_now_ms())?;
+            let t = tenant_named(&store, &tenant).await?;
+            let rows = store.prompt_logs(&t.id, since_ms, limit).await?;
+            let as_json: Vec<Value> = rows
+                .iter()
+                .map(|(at, rid, key, model, body)| {
+                    json!({"at_ms": at, "request_id": rid, "key_id": key, "model": model, "body": body})
+                })
+                .collect();
+            if j {
+                println!("{}", Value::Array(as_json));
+            } else {
+                for r in &as_json {
+                    println!("{r}");
+                }
+            }
+        }
         Command::Audit {
             since,
             tenant,
@@ -378,6 +416,28 @@ async fn run(cli: Cli) -> Res<()> {
                     println!("{}", tenant_json(&t))
                 } else {
                     println!("tenant {} disabled", t.name)
+                }
+            }
+            TenantCommand::PromptLog { name, days } => {
+                let t = store.set_tenant_prompt_log(&name, days).await?;
+                if days == 0 {
+                    let purged = store
+                        .purge_prompt_logs(tollgate_authz::time::unix_now_ms())
+                        .await?;
+                    if !j {
+                        println!(
+                            "prompt logging of tenant {} is off ({purged} entries purged)",
+                            t.name
+                        );
+                    }
+                } else if !j {
+                    println!(
+                        "tenant {}: request bodies are logged and kept {days} days",
+                        t.name
+                    );
+                }
+                if j {
+                    println!("{}", tenant_json(&t));
                 }
             }
             TenantCommand::Enable { name } => {
@@ -473,6 +533,7 @@ async fn run(cli: Cli) -> Res<()> {
                     status: String::new(),
                     labels: String::new(),
                     created_at: 0,
+                    prompt_log_days: 0,
                 };
                 let new_id =
                     issue_key(&store, j, &t, &old.name, &old.labels, old.expires_at).await?;

@@ -14,6 +14,9 @@ use std::time::Duration;
 
 pub use rows::{KeyInfo, KeyRecord, Tenant};
 
+/// (at_ms, request_id, key_id, model, body)
+pub type PromptLogRow = (i64, String, Option<String>, Option<String>, String);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("key store unavailable: {0}")]
@@ -156,7 +159,7 @@ impl KeyStore {
     /// The key with this prefix, its tenant's status and both policy rows.
     pub async fn find_key(&self, prefix: &str) -> Result<Option<KeyRecord>, StoreError> {
         let sql = format!(
-            "SELECT k.id, k.secret_hash, k.tenant_id, k.expires_at, k.revoked_at, t.status, {}, {} \
+            "SELECT k.id, k.secret_hash, k.tenant_id, k.expires_at, k.revoked_at, t.status, t.prompt_log_days, {}, {} \
              FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
              LEFT JOIN policies tp ON tp.scope = 'tenant' AND tp.subject_id = k.tenant_id \
              LEFT JOIN policies kp ON kp.scope = 'key' AND kp.subject_id = k.id \
@@ -217,6 +220,7 @@ impl KeyStore {
             status: "active".into(),
             labels: labels.to_string(),
             created_at: crate::time::unix_now(),
+            prompt_log_days: 0,
         };
         on_pool!(&self.pool, |p| {
             sqlx::query(
@@ -237,7 +241,7 @@ impl KeyStore {
     pub async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
         on_pool!(&self.pool, |p| {
             let row = sqlx::query(
-                "SELECT id, name, status, labels, created_at FROM tenants WHERE name = $1",
+                "SELECT id, name, status, labels, created_at, prompt_log_days FROM tenants WHERE name = $1",
             )
             .bind(name)
             .fetch_optional(p)
@@ -249,7 +253,7 @@ impl KeyStore {
     pub async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
         on_pool!(&self.pool, |p| {
             let all = sqlx::query(
-                "SELECT id, name, status, labels, created_at FROM tenants ORDER BY name",
+                "SELECT id, name, status, labels, created_at, prompt_log_days FROM tenants ORDER BY name",
             )
             .fetch_all(p)
             .await?;
@@ -438,6 +442,60 @@ impl KeyStore {
         self.record_event(subject_id, "policy_changed").await
     }
 
+    /// Turns prompt logging of a tenant on (`days` > 0, the retention) or off (0).
+    pub async fn set_tenant_prompt_log(&self, name: &str, days: u32) -> Result<Tenant, StoreError> {
+        let t = self
+            .tenant_by_name(name)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("tenant {name:?}")))?;
+        on_pool!(&self.pool, |p| sqlx::query(
+            "UPDATE tenants SET prompt_log_days = $1 WHERE id = $2"
+        )
+        .bind(i64::from(days))
+        .bind(&t.id)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        self.record_event(&t.id, "tenant_prompt_log").await?;
+        Ok(Tenant {
+            prompt_log_days: days,
+            ..t
+        })
+    }
+
+    /// Prompt log rows at or after `since_ms` for one tenant: (at_ms, request_id, key_id, model, body).
+    pub async fn prompt_logs(
+        &self,
+        tenant_id: &str,
+        since_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<PromptLogRow>, StoreError> {
+        let rows: Vec<PromptLogRow> = on_pool!(&self.pool, |p| sqlx::query_as(
+            "SELECT at_ms, request_id, key_id, model, body FROM prompt_logs \
+             WHERE tenant_id = $1 AND at_ms >= $2 ORDER BY at_ms, id LIMIT $3"
+        )
+        .bind(tenant_id)
+        .bind(since_ms)
+        .bind(limit)
+        .fetch_all(p)
+        .await)?;
+        Ok(rows)
+    }
+
+    /// Deletes prompt logs past each tenant's retention (all of a tenant that turned it off).
+    pub async fn purge_prompt_logs(&self, now_ms: i64) -> Result<u64, StoreError> {
+        Ok(on_pool!(&self.pool, |p| {
+            sqlx::query(
+            "DELETE FROM prompt_logs WHERE at_ms < $1 - COALESCE((SELECT t.prompt_log_days FROM tenants t \
+             WHERE t.id = prompt_logs.tenant_id), 0) * 86400000"
+        )
+        .bind(now_ms)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected())
+        })?)
+    }
+
     /// Writes audit events in one transaction.
     pub async fn insert_audit(&self, events: &[AuditEvent]) -> Result<(), StoreError> {
         const SQL: &str = "INSERT INTO audit_events (at_ms, request_id, key_id, tenant_id, model, \
@@ -446,6 +504,22 @@ impl KeyStore {
         on_pool!(&self.pool, |p| {
             let mut tx = p.begin().await?;
             for e in events {
+                if let (Some(body), Some(tenant)) = (&e.prompt, &e.tenant_id) {
+                    // Opted-in tenants only (the filter sets it on their metadata), and
+                    // into its own table: audit rows never hold content.
+                    sqlx::query(
+                        "INSERT INTO prompt_logs (at_ms, request_id, tenant_id, key_id, model, body) \
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(e.at_ms)
+                    .bind(&e.request_id)
+                    .bind(tenant)
+                    .bind(&e.key_id)
+                    .bind(&e.model)
+                    .bind(body)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 sqlx::query(SQL)
                     .bind(e.at_ms)
                     .bind(&e.request_id)
@@ -510,6 +584,7 @@ impl KeyStore {
             "policies",
             "key_events",
             "audit_events",
+            "prompt_logs",
         ] {
             let sql = format!("SELECT * FROM {t}");
             let text = on_pool!(&self.pool, |p| {

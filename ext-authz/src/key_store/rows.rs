@@ -13,6 +13,8 @@ pub struct Tenant {
     pub status: String,
     pub labels: String,
     pub created_at: i64,
+    /// Prompt log retention in days; 0 = prompts are not logged.
+    pub prompt_log_days: u32,
 }
 
 /// What the decision needs about a presented key.
@@ -22,6 +24,7 @@ pub struct KeyRecord {
     pub secret_hash: String,
     pub tenant_id: String,
     pub tenant_active: bool,
+    pub tenant_logs_prompts: bool,
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub tenant_policy: PolicyRow,
@@ -139,6 +142,7 @@ pub fn key_record(r: &impl Cells) -> Result<KeyRecord, StoreError> {
         secret_hash: r.text("secret_hash")?,
         tenant_id: r.text("tenant_id")?,
         tenant_active: r.text("status")? == "active",
+        tenant_logs_prompts: r.opt_int("prompt_log_days")?.unwrap_or(0) > 0,
         expires_at: r.opt_int("expires_at")?,
         revoked_at: r.opt_int("revoked_at")?,
         tenant_policy: policy_row(r, "tp")?.unwrap_or_default(),
@@ -153,6 +157,7 @@ pub fn tenant(r: &impl Cells) -> Result<Tenant, StoreError> {
         status: r.text("status")?,
         labels: r.text("labels")?,
         created_at: r.opt_int("created_at")?.unwrap_or(0),
+        prompt_log_days: count(r.opt_int("prompt_log_days")?).unwrap_or(0),
     })
 }
 
@@ -189,6 +194,7 @@ pub fn audit_event(r: &impl Cells) -> Result<crate::audit::AuditEvent, StoreErro
         latency_ms: n("latency_ms")?.unwrap_or(0),
         first_byte_ms: None,
         client_ip: r.opt_text("client_ip")?,
+        prompt: None,
     })
 }
 
