@@ -45,6 +45,10 @@ pub const FILTER_STATE_TOKENS: &str = "tollgate_tokens";
 /// Tokens reserved at admission (max_tokens or a default, plus the prompt estimate); the
 /// rate limiter admits against it and reconciles with `tollgate_tokens` at stream end.
 pub const FILTER_STATE_RESERVATION: &str = "tollgate_req";
+/// At stream end: tokens used beyond the reservation (debited) and reserved but not used
+/// (refunded). One of the two is 0.
+pub const FILTER_STATE_TOKENS_EXTRA: &str = "tollgate_tokens_extra";
+pub const FILTER_STATE_TOKENS_REFUND: &str = "tollgate_tokens_refund";
 /// The request body of an opted-in tenant's request (capped), for the prompt log.
 pub const FILTER_STATE_PROMPT: &str = "tollgate_prompt";
 

@@ -89,6 +89,8 @@ pub struct Stream {
     out: Vec<u8>,
     received: usize,
     failed: bool,
+    /// Tokens reserved at admission; `Some` only for requests that name a model.
+    reserved: Option<u64>,
 }
 
 impl Default for Stream {
@@ -101,6 +103,7 @@ impl Default for Stream {
             out: Vec::new(),
             received: 0,
             failed: false,
+            reserved: None,
         }
     }
 }
@@ -304,6 +307,7 @@ impl Stream {
             }
             let reserve = reservation(body, config.default_reservation_tokens);
             host.set_property(metadata::FILTER_STATE_RESERVATION, &reserve.to_string());
+            self.reserved = Some(reserve);
         }
         if let Some(path) = &translated.path {
             host.set_request_header(":path", Some(path));
@@ -482,37 +486,48 @@ impl Stream {
         Action::Continue
     }
 
-    /// Stream done (also on client abort): publish the counted tokens.
-    pub fn on_log(&mut self, host: &mut impl Host, config: &Config) {
-        let via_upstream = host.property(&["response", "code_details"]).as_deref()
-            == Some(b"via_upstream".as_slice());
-        if !via_upstream {
+    /// Stream done (also on client abort): publish the counted tokens, and how they differ
+    /// from the reservation the rate limiter admitted against, for its stream-done debit.
+    pub fn on_log(&mut self, host: &mut impl Host, _config: &Config) {
+        let Some(reserved) = self.reserved else {
             return;
-        }
-        let (prompt, completion, reported) = match &self.response {
-            Response::Transcode(t) | Response::Listing { transcoder: t, .. } => {
-                let u = t.usage();
-                (u.prompt, u.completion, t.usage_reported())
+        };
+        let details = host
+            .property(&["response", "code_details"])
+            .unwrap_or_default();
+        let used = match details.as_slice() {
+            b"via_upstream" => {
+                let (prompt, completion, reported) = match &self.response {
+                    Response::Transcode(t) | Response::Listing { transcoder: t, .. } => {
+                        let u = t.usage();
+                        (u.prompt, u.completion, t.usage_reported())
+                    }
+                    _ => (0, 0, false),
+                };
+                host.set_property(metadata::FILTER_STATE_TOKENS_IN, &prompt.to_string());
+                host.set_property(metadata::FILTER_STATE_TOKENS_OUT, &completion.to_string());
+                // Nothing reported (aborted stream, upstream without usage): the reservation
+                // stands, so an unreported response is never free.
+                if reported {
+                    prompt + completion
+                } else {
+                    reserved
+                }
             }
-            _ => (0, 0, false),
+            // The rate limiter refused or failed: nothing was reserved.
+            b"request_rate_limited" | b"rate_limiter_error" => return,
+            // Admitted, then the upstream failed before answering: no tokens were used.
+            _ => 0,
         };
-        let counted = self
-            .response_plan
-            .as_ref()
-            .is_some_and(|p| p.kind != ResponseKind::Opaque && p.model.is_some());
-        if !counted {
-            return;
-        }
-        host.set_property(metadata::FILTER_STATE_TOKENS_IN, &prompt.to_string());
-        host.set_property(metadata::FILTER_STATE_TOKENS_OUT, &completion.to_string());
-        // Nothing reported (aborted stream, upstream without usage): debit the reservation so
-        // an unreported response is never free.
-        let total = if reported {
-            prompt + completion
-        } else {
-            config.default_reservation_tokens
-        };
-        host.set_property(metadata::FILTER_STATE_TOKENS, &total.to_string());
+        host.set_property(metadata::FILTER_STATE_TOKENS, &used.to_string());
+        host.set_property(
+            metadata::FILTER_STATE_TOKENS_EXTRA,
+            &used.saturating_sub(reserved).to_string(),
+        );
+        host.set_property(
+            metadata::FILTER_STATE_TOKENS_REFUND,
+            &reserved.saturating_sub(used).to_string(),
+        );
     }
 }
 
@@ -917,10 +932,20 @@ mod tests {
         let (mut s, _) = send(&mut host, &Config::default(), body, None);
         respond(&mut host, &mut s, "200", &[br#"{"choices":[]}"#], true);
         s.on_log(&mut host, &Config::default());
-        assert_eq!(
-            host.state.get("tollgate_tokens").map(String::as_str),
-            Some("1024")
+        let reserved = host.state["tollgate_req"].clone();
+        assert_eq!(host.state.get("tollgate_tokens"), Some(&reserved));
+        assert_eq!(host.state["tollgate_tokens_refund"], "0");
+
+        // Admitted, then the upstream failed: the whole reservation comes back.
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        let (mut s, _) = send(&mut host, &Config::default(), body, None);
+        host.properties.insert(
+            "response/code_details".into(),
+            b"upstream_reset_before_response_started{connection_failure}".to_vec(),
         );
+        s.on_log(&mut host, &Config::default());
+        assert_eq!(host.state["tollgate_tokens"], "0");
+        assert_eq!(host.state["tollgate_tokens_refund"], host.state["tollgate_req"]);
 
         let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
         let (mut s, _) = send(&mut host, &Config::default(), body, None);
@@ -935,8 +960,13 @@ mod tests {
             out, br#"{"error":{"code":"rate_limited"}}"#,
             "the gateway's own 429 is untouched"
         );
+        host.properties.insert(
+            "response/code_details".into(),
+            b"request_rate_limited".to_vec(),
+        );
         s.on_log(&mut host, &Config::default());
-        assert!(!host.state.contains_key("tollgate_tokens"));
+        assert!(!host.state.contains_key("tollgate_tokens"), "a refused request reserved nothing");
+        assert!(!host.state.contains_key("tollgate_tokens_refund"));
     }
 
     #[test]
