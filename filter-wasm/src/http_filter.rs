@@ -945,7 +945,10 @@ mod tests {
         );
         s.on_log(&mut host, &Config::default());
         assert_eq!(host.state["tollgate_tokens"], "0");
-        assert_eq!(host.state["tollgate_tokens_refund"], host.state["tollgate_req"]);
+        assert_eq!(
+            host.state["tollgate_tokens_refund"],
+            host.state["tollgate_req"]
+        );
 
         let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
         let (mut s, _) = send(&mut host, &Config::default(), body, None);
@@ -965,7 +968,10 @@ mod tests {
             b"request_rate_limited".to_vec(),
         );
         s.on_log(&mut host, &Config::default());
-        assert!(!host.state.contains_key("tollgate_tokens"), "a refused request reserved nothing");
+        assert!(
+            !host.state.contains_key("tollgate_tokens"),
+            "a refused request reserved nothing"
+        );
         assert!(!host.state.contains_key("tollgate_tokens_refund"));
     }
 

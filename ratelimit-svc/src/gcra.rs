@@ -9,7 +9,7 @@ use crate::limit_policy::Limit;
 /// Nanoseconds on the store's clock.
 pub type Nanos = u64;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Verdict {
     pub allowed: bool,
     /// Requests still admissible right now after this decision.
@@ -20,12 +20,17 @@ pub struct Verdict {
     pub retry_after: Nanos,
 }
 
+/// The limit's period and the emission interval (period / requests, at least one tick).
+fn period_and_interval(limit: &Limit) -> (Nanos, Nanos) {
+    let period = u64::try_from(limit.unit.period().as_nanos()).unwrap_or(u64::MAX);
+    let per = u64::from(limit.requests_per_unit.max(1));
+    (period, (period / per).max(1))
+}
+
 /// Applies `hits` at `now` to a counter whose TAT is `tat` (0 when new).
 /// Returns the verdict and the TAT to store (unchanged when denied).
 pub fn decide(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nanos) {
-    let period = u64::try_from(limit.unit.period().as_nanos()).unwrap_or(u64::MAX);
-    let per = u64::from(limit.requests_per_unit.max(1));
-    let interval = (period / per).max(1);
+    let (period, interval) = period_and_interval(limit);
     let base = tat.max(now);
     let new_tat = base.saturating_add(interval.saturating_mul(hits));
     let allow_until = now.saturating_add(period);
@@ -48,6 +53,27 @@ pub fn decide(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nan
         allowed: true,
         remaining: remaining(allow_until, new_tat, interval),
         reset_after: new_tat - now,
+        retry_after: 0,
+    };
+    (verdict, new_tat)
+}
+
+/// Gives `hits` back (Envoy's `is_negative_hits`, a refund of a reservation): moves the
+/// TAT back, never below `now`, so a refund restores at most a full burst and never
+/// consumes. Always allowed. Returns the verdict and the TAT to store.
+pub fn refund(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nanos) {
+    let (period, interval) = period_and_interval(limit);
+    // A counter already back to full has nothing to give back; keep it as stored so a
+    // refund on an idle counter writes nothing.
+    let new_tat = if tat <= now {
+        tat
+    } else {
+        tat.saturating_sub(interval.saturating_mul(hits)).max(now)
+    };
+    let verdict = Verdict {
+        allowed: true,
+        remaining: remaining(now.saturating_add(period), new_tat.max(now), interval),
+        reset_after: new_tat.saturating_sub(now),
         retry_after: 0,
     };
     (verdict, new_tat)
@@ -115,6 +141,22 @@ mod tests {
         assert_eq!(v.remaining, 6);
         assert_eq!(tat, tat2);
         assert!(!decide(&l, tat, 0, 7).0.allowed);
+    }
+
+    #[test]
+    fn refund_gives_back_but_never_beyond_a_full_burst() {
+        let l = per_minute(10);
+        let now = 500 * SEC;
+        let (_, tat) = decide(&l, 0, now, 4);
+        let (v, tat) = refund(&l, tat, now, 2);
+        assert!(v.allowed);
+        assert_eq!(v.remaining, 8);
+        let (v, tat) = refund(&l, tat, now, 100);
+        assert_eq!(v.remaining, 10);
+        assert_eq!(tat, now);
+        // On an idle counter a refund changes nothing.
+        let (v, t) = refund(&l, 0, now, 3);
+        assert_eq!((v.remaining, t), (10, 0));
     }
 
     #[test]

@@ -1,7 +1,10 @@
-//! tollgate-ratelimit: the limit algorithms and counter stores (free of gRPC types),
-//! and the Envoy RLS v3 service that exposes them.
+//! tollgate-ratelimit: the limit algorithms, descriptor configuration and counter stores
+//! (free of gRPC types), and the Envoy RLS v3 service that exposes them.
 
+pub mod config_watch;
 pub mod counter_store;
+pub mod descriptor_config;
 pub mod gcra;
 pub mod limit_policy;
+pub mod limiter;
 pub mod rls_service;

@@ -41,6 +41,36 @@ impl Unit {
         }
     }
 
+    /// The unit named as in envoyproxy/ratelimit's YAML (`second` … `year`, any case).
+    pub fn from_name(name: &str) -> Option<Self> {
+        const NAMES: [(&str, Unit); 7] = [
+            ("second", Unit::Second),
+            ("minute", Unit::Minute),
+            ("hour", Unit::Hour),
+            ("day", Unit::Day),
+            ("week", Unit::Week),
+            ("month", Unit::Month),
+            ("year", Unit::Year),
+        ];
+        NAMES
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, u)| *u)
+    }
+
+    /// Lower-case name, as written in configuration and in counter keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            Unit::Second => "second",
+            Unit::Minute => "minute",
+            Unit::Hour => "hour",
+            Unit::Day => "day",
+            Unit::Week => "week",
+            Unit::Month => "month",
+            Unit::Year => "year",
+        }
+    }
+
     /// Months and years are fixed lengths (30 and 365 days): a rolling window, not a
     /// calendar one.
     pub fn period(self) -> Duration {
@@ -74,5 +104,17 @@ mod tests {
         }
         assert_eq!(Unit::from_envoy(0), None);
         assert_eq!(Unit::Minute.period(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn unit_names_are_case_insensitive_and_round_trip() {
+        for v in 1..=7 {
+            let u = Unit::from_envoy(v).unwrap();
+            assert_eq!(Unit::from_name(u.name()), Some(u));
+            assert_eq!(Unit::from_name(&u.name().to_uppercase()), Some(u));
+        }
+        assert_eq!(Unit::from_name("Minute"), Some(Unit::Minute));
+        assert_eq!(Unit::from_name("fortnight"), None);
+        assert_eq!(Unit::from_name(""), None);
     }
 }

@@ -1,9 +1,14 @@
-//! Envoy RLS v3 `ShouldRateLimit`: maps descriptors to counters, answers with per-descriptor
-//! statuses, and on OVER_LIMIT with Tollgate's JSON error and `retry-after`.
+//! Envoy RLS v3 `ShouldRateLimit`: maps descriptors to the limiter, answers with
+//! per-descriptor statuses, and on OVER_LIMIT with Tollgate's JSON error and
+//! `retry-after`. A counter store error is gRPC `UNAVAILABLE`, never OK: Envoy is
+//! configured to deny on it.
 
-use crate::counter_store::MemoryStore;
+use crate::config_watch::SharedConfig;
+use crate::counter_store::{CounterStore, StoreError};
+use crate::descriptor_config::Config;
 use crate::gcra::{Nanos, Verdict};
 use crate::limit_policy::{Limit, Unit};
+use crate::limiter::{self, Decision, Descriptor, Outcome};
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
@@ -12,72 +17,75 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 use tollgate_core::{error_body, metadata};
 use tonic::{Request, Response, Status};
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 
-#[derive(Debug, Clone)]
-pub struct RlsService {
-    store: Arc<MemoryStore>,
+#[derive(Debug)]
+pub struct RlsService<S> {
+    store: Arc<S>,
+    config: Arc<SharedConfig>,
+    /// Unix second of the last store-error log line: one line per second in an outage,
+    /// not one per request.
+    last_error_log: AtomicU64,
+    shadow_over_limit: AtomicU64,
 }
 
-impl RlsService {
-    pub fn new(store: Arc<MemoryStore>) -> Self {
-        Self { store }
-    }
-}
-
-/// One descriptor, reduced to what the limiter needs.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Parsed {
-    /// Counter key: the domain and the limit-bearing entries, in order.
-    pub counter_key: String,
-    pub limit: Option<Limit>,
-    pub hits: u64,
-    pub request_id: Option<String>,
-}
-
-pub fn parse_descriptor(domain: &str, d: &RateLimitDescriptor, request_hits: u32) -> Parsed {
-    let mut counter_key = String::with_capacity(64);
-    counter_key.push_str(domain);
-    let mut request_id = None;
-    for e in &d.entries {
-        if e.key == metadata::DESCRIPTOR_REQUEST_ID {
-            request_id = Some(e.value.clone());
-            continue;
+impl<S: CounterStore> RlsService<S> {
+    pub fn new(store: Arc<S>, config: Arc<SharedConfig>) -> Self {
+        Self {
+            store,
+            config,
+            last_error_log: AtomicU64::new(0),
+            shadow_over_limit: AtomicU64::new(0),
         }
-        counter_key.push('|');
-        counter_key.push_str(&e.key);
-        counter_key.push('=');
-        counter_key.push_str(&e.value);
     }
-    let limit = d.limit.as_ref().and_then(|o| {
+
+    /// Decisions a `shadow_mode` limit would have denied, since start.
+    pub fn shadow_over_limit_total(&self) -> u64 {
+        self.shadow_over_limit.load(Ordering::Relaxed)
+    }
+}
+
+/// Splits a descriptor into what the limiter needs and the request id entry.
+pub fn parse_descriptor(
+    d: &RateLimitDescriptor,
+    request_hits: u32,
+) -> (Descriptor<'_>, Option<&str>) {
+    let mut request_id = None;
+    let mut entries = Vec::with_capacity(d.entries.len());
+    for e in &d.entries {
+        // The request id identifies the request, not the limit: never matched, never
+        // part of a counter key.
+        if e.key == metadata::DESCRIPTOR_REQUEST_ID {
+            request_id = Some(e.value.as_str());
+        } else {
+            entries.push((e.key.as_str(), e.value.as_str()));
+        }
+    }
+    let limit_override = d.limit.as_ref().and_then(|o| {
         Some(Limit {
             requests_per_unit: o.requests_per_unit,
             unit: Unit::from_envoy(o.unit)?,
         })
     });
-    if let Some(l) = &limit {
-        // A changed override starts a fresh counter instead of inheriting a TAT computed
-        // with another interval.
-        counter_key.push_str(&format!("#{}/{}", l.requests_per_unit, l.unit.to_envoy()));
-    }
     // Envoy sends hits_addend per descriptor; the request-level field is the fallback.
     let hits = match d.hits_addend {
         Some(h) => h.value,
         None if request_hits > 0 => u64::from(request_hits),
         None => 1,
     };
-    // Refunds come with is_negative_hits; they must never consume.
-    let hits = if d.is_negative_hits { 0 } else { hits };
-    Parsed {
-        counter_key,
-        limit,
+    let descriptor = Descriptor {
+        entries,
+        limit_override,
         hits,
-        request_id,
-    }
+        refund: d.is_negative_hits,
+    };
+    (descriptor, request_id)
 }
 
 fn header(key: &str, value: String) -> HeaderValue {
@@ -103,45 +111,61 @@ pub fn openai_duration(n: Nanos) -> String {
     }
 }
 
-fn status_for(limit: &Limit, v: &Verdict) -> DescriptorStatus {
-    DescriptorStatus {
-        code: if v.allowed { Code::Ok } else { Code::OverLimit } as i32,
-        current_limit: Some(RateLimit {
-            name: String::new(),
-            requests_per_unit: limit.requests_per_unit,
-            unit: limit.unit.to_envoy(),
-        }),
-        limit_remaining: v.remaining,
-        duration_until_reset: Some(PbDuration {
-            seconds: i64::try_from(ceil_secs(v.reset_after)).unwrap_or(i64::MAX),
-            nanos: 0,
-        }),
-        quota: None,
+fn status_for(outcome: &Outcome) -> DescriptorStatus {
+    match outcome {
+        Outcome::NotLimited => DescriptorStatus {
+            code: Code::Ok as i32,
+            ..Default::default()
+        },
+        Outcome::Unlimited => DescriptorStatus {
+            code: Code::Ok as i32,
+            limit_remaining: u32::MAX,
+            ..Default::default()
+        },
+        Outcome::Counted {
+            limit,
+            name,
+            shadow,
+            verdict: v,
+        } => DescriptorStatus {
+            // Shadow mode: counted and reported, but answered OK.
+            code: if v.allowed || *shadow {
+                Code::Ok
+            } else {
+                Code::OverLimit
+            } as i32,
+            current_limit: Some(RateLimit {
+                name: name.clone().unwrap_or_default(),
+                requests_per_unit: limit.requests_per_unit,
+                unit: limit.unit.to_envoy(),
+            }),
+            limit_remaining: v.remaining,
+            duration_until_reset: Some(PbDuration {
+                seconds: i64::try_from(ceil_secs(v.reset_after)).unwrap_or(i64::MAX),
+                nanos: 0,
+            }),
+            quota: None,
+        },
     }
 }
 
-/// Decides one request against a store. Pure apart from the store, for tests.
-pub fn decide(store: &MemoryStore, req: &RateLimitRequest) -> RateLimitResponse {
-    let mut statuses = Vec::with_capacity(req.descriptors.len());
+/// Builds Envoy's answer from a decision.
+pub fn response_for(decision: &Decision, request_id: &str) -> RateLimitResponse {
+    let statuses = decision.outcomes.iter().map(status_for).collect();
+    let enforced = decision.outcomes.iter().filter_map(|o| match o {
+        Outcome::Counted {
+            limit,
+            shadow: false,
+            verdict,
+            ..
+        } => Some((*limit, *verdict)),
+        _ => None,
+    });
     let mut over: Option<(Limit, Verdict)> = None;
     let mut tightest: Option<(Limit, Verdict)> = None;
-    let mut request_id = String::new();
-    for d in &req.descriptors {
-        let p = parse_descriptor(&req.domain, d, req.hits_addend);
-        if let Some(rid) = p.request_id {
-            request_id = rid;
-        }
-        let Some(limit) = p.limit else {
-            // No limit for this descriptor: like envoyproxy/ratelimit, it is not limited.
-            statuses.push(DescriptorStatus {
-                code: Code::Ok as i32,
-                ..Default::default()
-            });
-            continue;
-        };
-        let v = store.hit(&p.counter_key, &limit, p.hits);
-        statuses.push(status_for(&limit, &v));
-        if !v.allowed && over.is_none() {
+    for (limit, v) in enforced {
+        // The request is admitted once every denying limit admits: report the longest wait.
+        if !v.allowed && over.is_none_or(|(_, o)| v.retry_after > o.retry_after) {
             over = Some((limit, v));
         }
         if tightest.is_none_or(|(_, t)| v.remaining < t.remaining) {
@@ -163,9 +187,9 @@ pub fn decide(store: &MemoryStore, req: &RateLimitRequest) -> RateLimitResponse 
             header("x-ratelimit-reset-requests", openai_duration(v.reset_after)),
         ];
     }
-    if let Some((_, v)) = over {
+    if decision.over_limit {
         response.overall_code = Code::OverLimit as i32;
-        let retry = ceil_secs(v.retry_after).max(1);
+        let retry = over.map_or(1, |(_, v)| ceil_secs(v.retry_after).max(1));
         response
             .response_headers_to_add
             .push(header("retry-after", retry.to_string()));
@@ -180,47 +204,101 @@ pub fn decide(store: &MemoryStore, req: &RateLimitRequest) -> RateLimitResponse 
             429,
             "rate_limited",
             &format!("request rate limit reached; retry in {retry}s"),
-            &request_id,
+            request_id,
         )
         .into_bytes();
     }
     response
 }
 
+/// Decides one request: parse, limit, count, answer.
+pub async fn decide<S: CounterStore>(
+    store: &S,
+    config: &Config,
+    req: &RateLimitRequest,
+) -> Result<(RateLimitResponse, Decision), StoreError> {
+    let mut request_id = "";
+    let descriptors: Vec<Descriptor<'_>> = req
+        .descriptors
+        .iter()
+        .map(|d| {
+            let (descriptor, rid) = parse_descriptor(d, req.hits_addend);
+            if let Some(rid) = rid {
+                request_id = rid;
+            }
+            descriptor
+        })
+        .collect();
+    let decision = limiter::decide(store, config, &req.domain, &descriptors).await?;
+    Ok((response_for(&decision, request_id), decision))
+}
+
 #[tonic::async_trait]
-impl RateLimitService for RlsService {
+impl<S: CounterStore> RateLimitService for RlsService<S> {
     async fn should_rate_limit(
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
         let req = request.into_inner();
-        let resp = decide(&self.store, &req);
-        if resp.overall_code == Code::OverLimit as i32 {
-            tracing::info!(domain = %req.domain, "over limit");
+        let config = self.config.current();
+        match decide(&*self.store, &config, &req).await {
+            Ok((resp, decision)) => {
+                for o in &decision.outcomes {
+                    if let Outcome::Counted {
+                        shadow: true,
+                        verdict,
+                        limit,
+                        name,
+                    } = o
+                    {
+                        if !verdict.allowed {
+                            self.shadow_over_limit.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(
+                                domain = %req.domain,
+                                name = name.as_deref().unwrap_or(""),
+                                requests_per_unit = limit.requests_per_unit,
+                                unit = limit.unit.name(),
+                                "shadow mode: over limit, answered OK"
+                            );
+                        }
+                    }
+                }
+                if decision.over_limit {
+                    tracing::debug!(domain = %req.domain, "over limit");
+                }
+                Ok(Response::new(resp))
+            }
+            Err(e) => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                if self.last_error_log.swap(now, Ordering::Relaxed) != now {
+                    tracing::warn!(error = %e, "counter store unavailable; answering UNAVAILABLE");
+                }
+                Err(Status::unavailable("rate limit counters unavailable"))
+            }
         }
-        Ok(Response::new(resp))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::counter_store::MemoryStore;
     use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
         Entry, RateLimitOverride,
     };
 
+    fn entry(k: &str, v: &str) -> Entry {
+        Entry {
+            key: k.into(),
+            value: v.into(),
+        }
+    }
+
     fn descriptor(key: &str, rpm: Option<u32>) -> RateLimitDescriptor {
         RateLimitDescriptor {
-            entries: vec![
-                Entry {
-                    key: "key_id".into(),
-                    value: key.into(),
-                },
-                Entry {
-                    key: "request_id".into(),
-                    value: "rid-7".into(),
-                },
-            ],
+            entries: vec![entry("key_id", key), entry("request_id", "rid-7")],
             limit: rpm.map(|n| RateLimitOverride {
                 requests_per_unit: n,
                 unit: 2,
@@ -229,10 +307,10 @@ mod tests {
         }
     }
 
-    fn request(d: RateLimitDescriptor) -> RateLimitRequest {
+    fn request(ds: Vec<RateLimitDescriptor>) -> RateLimitRequest {
         RateLimitRequest {
             domain: "tollgate".into(),
-            descriptors: vec![d],
+            descriptors: ds,
             hits_addend: 0,
         }
     }
@@ -244,20 +322,50 @@ mod tests {
             .map(|h| h.value.clone())
     }
 
+    async fn run(
+        store: &MemoryStore,
+        config: &Config,
+        req: &RateLimitRequest,
+    ) -> RateLimitResponse {
+        decide(store, config, req).await.unwrap().0
+    }
+
+    const OK: i32 = Code::Ok as i32;
+    const OVER: i32 = Code::OverLimit as i32;
+
     #[test]
-    fn request_id_entry_is_not_part_of_the_counter_key() {
-        let p = parse_descriptor("tollgate", &descriptor("k1", Some(5)), 0);
-        assert_eq!(p.counter_key, "tollgate|key_id=k1#5/2");
-        assert_eq!(p.request_id.as_deref(), Some("rid-7"));
+    fn request_id_entry_is_neither_matched_nor_counted() {
+        let d = descriptor("k1", Some(5));
+        let (p, rid) = parse_descriptor(&d, 0);
+        assert_eq!(p.entries, vec![("key_id", "k1")]);
+        assert_eq!(rid, Some("rid-7"));
         assert_eq!(p.hits, 1);
+        assert_eq!(
+            p.limit_override,
+            Some(Limit {
+                requests_per_unit: 5,
+                unit: Unit::Minute
+            })
+        );
     }
 
     #[test]
-    fn over_limit_gets_json_body_retry_after_and_openai_headers() {
+    fn hits_come_from_the_descriptor_then_the_request() {
+        let mut d = descriptor("k1", Some(5));
+        assert_eq!(parse_descriptor(&d, 3).0.hits, 3);
+        d.hits_addend = Some(envoy_types::pb::google::protobuf::UInt64Value { value: 0 });
+        assert_eq!(parse_descriptor(&d, 3).0.hits, 0);
+        d.is_negative_hits = true;
+        assert!(parse_descriptor(&d, 3).0.refund);
+    }
+
+    #[tokio::test]
+    async fn over_limit_gets_json_body_retry_after_and_openai_headers() {
         let store = MemoryStore::new();
-        let req = request(descriptor("k1", Some(2)));
-        let first = decide(&store, &req);
-        assert_eq!(first.overall_code, Code::Ok as i32);
+        let config = Config::default();
+        let req = request(vec![descriptor("k1", Some(2))]);
+        let first = run(&store, &config, &req).await;
+        assert_eq!(first.overall_code, OK);
         assert_eq!(
             header_value(&first, "x-ratelimit-remaining-requests").as_deref(),
             Some("1")
@@ -266,9 +374,9 @@ mod tests {
             header_value(&first, "x-ratelimit-limit-requests").as_deref(),
             Some("2")
         );
-        assert_eq!(decide(&store, &req).overall_code, Code::Ok as i32);
-        let third = decide(&store, &req);
-        assert_eq!(third.overall_code, Code::OverLimit as i32);
+        assert_eq!(run(&store, &config, &req).await.overall_code, OK);
+        let third = run(&store, &config, &req).await;
+        assert_eq!(third.overall_code, OVER);
         assert_eq!(header_value(&third, "retry-after").as_deref(), Some("30"));
         assert_eq!(
             header_value(&third, "x-tollgate-error").as_deref(),
@@ -277,7 +385,7 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&third.raw_body).unwrap();
         assert_eq!(body["error"]["code"], "rate_limited");
         assert_eq!(body["error"]["request_id"], "rid-7");
-        assert_eq!(third.statuses[0].code, Code::OverLimit as i32);
+        assert_eq!(third.statuses[0].code, OVER);
         assert_eq!(
             third.statuses[0]
                 .current_limit
@@ -288,21 +396,144 @@ mod tests {
         );
     }
 
-    #[test]
-    fn descriptor_without_limit_is_not_limited() {
+    #[tokio::test]
+    async fn descriptor_without_limit_is_not_limited() {
         let store = MemoryStore::new();
-        let req = request(descriptor("k1", None));
+        let req = request(vec![descriptor("k1", None)]);
         for _ in 0..100 {
-            assert_eq!(decide(&store, &req).overall_code, Code::Ok as i32);
+            assert_eq!(run(&store, &Config::default(), &req).await.overall_code, OK);
         }
+        assert!(store.is_empty(), "nothing may be counted");
+    }
+
+    const FILE: &str = r#"
+domain: tollgate
+descriptors:
+  - key: key_id
+    rate_limit: {unit: minute, requests_per_unit: 2}
+  - key: key_id
+    value: vip
+    rate_limit: {unit: minute, requests_per_unit: 4}
+  - key: tenant_id
+    shadow_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 1, name: tenant}
+  - key: internal
+    rate_limit: {unlimited: true}
+  - key: model
+    rate_limit: {unit: minute, requests_per_unit: 1, name: per_model}
+  - key: model_wide
+    rate_limit: {unit: minute, requests_per_unit: 3, name: wide, replaces: [{name: per_model}]}
+"#;
+
+    fn admitted(store: &MemoryStore, config: &Config, req: &RateLimitRequest, n: usize) -> usize {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        (0..n)
+            .filter(|_| rt.block_on(run(store, config, req)).overall_code == OK)
+            .count()
     }
 
     #[test]
-    fn negative_hits_never_consume() {
-        let mut d = descriptor("k1", Some(1));
-        d.hits_addend = Some(envoy_types::pb::google::protobuf::UInt64Value { value: 5 });
-        d.is_negative_hits = true;
-        assert_eq!(parse_descriptor("t", &d, 0).hits, 0);
+    fn file_limits_apply_with_value_precedence_and_the_override_wins() {
+        let config = Config::from_yaml(FILE).unwrap();
+        let store = MemoryStore::new();
+        assert_eq!(
+            admitted(&store, &config, &request(vec![descriptor("k1", None)]), 10),
+            2
+        );
+        assert_eq!(
+            admitted(&store, &config, &request(vec![descriptor("vip", None)]), 10),
+            4
+        );
+        // Envoy's override beats the file.
+        assert_eq!(
+            admitted(
+                &store,
+                &config,
+                &request(vec![descriptor("k9", Some(7))]),
+                10
+            ),
+            7
+        );
+    }
+
+    #[test]
+    fn shadow_mode_counts_and_reports_but_answers_ok() {
+        let config = Config::from_yaml(FILE).unwrap();
+        let store = MemoryStore::new();
+        let d = RateLimitDescriptor {
+            entries: vec![entry("tenant_id", "t1")],
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let first = rt.block_on(run(&store, &config, &request(vec![d.clone()])));
+        assert_eq!(first.statuses[0].limit_remaining, 0);
+        let second = rt.block_on(run(&store, &config, &request(vec![d])));
+        assert_eq!(second.overall_code, OK);
+        assert_eq!(second.statuses[0].code, OK);
+        assert_eq!(
+            second.statuses[0].current_limit.as_ref().unwrap().name,
+            "tenant"
+        );
+        assert_eq!(store.len(), 1, "the shadow counter is counted");
+    }
+
+    #[test]
+    fn unlimited_is_ok_and_not_counted() {
+        let config = Config::from_yaml(FILE).unwrap();
+        let store = MemoryStore::new();
+        let d = RateLimitDescriptor {
+            entries: vec![entry("internal", "x")],
+            ..Default::default()
+        };
+        assert_eq!(admitted(&store, &config, &request(vec![d.clone()]), 50), 50);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let r = rt.block_on(run(&store, &config, &request(vec![d])));
+        assert_eq!(r.statuses[0].limit_remaining, u32::MAX);
+        assert!(store.is_empty());
+    }
+
+    #[test]
+    fn replaced_limit_is_not_checked() {
+        let config = Config::from_yaml(FILE).unwrap();
+        let model = RateLimitDescriptor {
+            entries: vec![entry("model", "llama3")],
+            ..Default::default()
+        };
+        let wide = RateLimitDescriptor {
+            entries: vec![entry("model_wide", "all")],
+            ..Default::default()
+        };
+        // Alone, per_model admits one.
+        let store = MemoryStore::new();
+        assert_eq!(
+            admitted(&store, &config, &request(vec![model.clone()]), 5),
+            1
+        );
+        // With `wide` in the same request, per_model is replaced: wide's 3 apply.
+        let store = MemoryStore::new();
+        assert_eq!(admitted(&store, &config, &request(vec![model, wide]), 5), 3);
+    }
+
+    #[test]
+    fn a_denied_request_consumes_no_other_limit() {
+        let store = MemoryStore::new();
+        let config = Config::default();
+        let tight = descriptor("tight", Some(1));
+        let roomy = descriptor("roomy", Some(10));
+        let both = request(vec![roomy.clone(), tight]);
+        assert_eq!(admitted(&store, &config, &both, 5), 1);
+        // Four denied requests did not consume `roomy`: 9 left.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let r = rt.block_on(run(&store, &config, &request(vec![roomy])));
+        assert_eq!(r.statuses[0].limit_remaining, 8);
     }
 
     #[test]

@@ -1,11 +1,15 @@
-//! tollgate-ratelimit: Envoy RLS v3 gRPC server.
+//! tollgate-ratelimit: Envoy RLS v3 gRPC server. Wires flags to components only.
 
 use clap::Parser;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
-use tollgate_ratelimit::counter_store::MemoryStore;
+use tollgate_ratelimit::config_watch::{ConfigSource, ConfigWatcher, SharedConfig};
+use tollgate_ratelimit::counter_store::{AnyStore, MemoryStore, RedisStore, StoreError};
+use tollgate_ratelimit::descriptor_config::Config;
 use tollgate_ratelimit::rls_service::RlsService;
 
 #[derive(Parser, Debug)]
@@ -21,9 +25,28 @@ struct Args {
         default_value = "127.0.0.1:10002"
     )]
     listen: SocketAddr,
+
+    /// Descriptor limits in envoyproxy/ratelimit's YAML format: one file (several domains
+    /// as `---` documents) or a directory of `*.yaml`/`*.yml` files, one domain each.
+    /// Reloaded on change. Without it only Envoy's per-descriptor limit overrides apply.
+    #[arg(long, env = "TOLLGATE_RATELIMIT_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// How often to check the configuration for changes, in milliseconds.
+    #[arg(long, env = "TOLLGATE_RATELIMIT_RELOAD_MS", default_value_t = 1000)]
+    reload_ms: u64,
+
+    /// Counters in Redis: `redis://host:port` (one node) or
+    /// `redis+cluster://host:port,host:port,…` (Redis Cluster). In memory when absent.
+    #[arg(long, env = "TOLLGATE_REDIS_URL")]
+    redis_url: Option<String>,
+
+    /// Bound on every Redis call, in milliseconds; beyond it the decision is UNAVAILABLE.
+    #[arg(long, env = "TOLLGATE_REDIS_TIMEOUT_MS", default_value_t = 500)]
+    redis_timeout_ms: u64,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "multi_thread")]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -39,12 +62,54 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// Connects to Redis, retrying every second while it is unreachable: the service starts
+/// serving only with working counters (Envoy denies until then). A malformed URL is fatal.
+async fn connect_redis(url: &str, timeout: Duration) -> Result<RedisStore, StoreError> {
+    loop {
+        match RedisStore::connect(url, timeout).await {
+            Ok(store) => return Ok(store),
+            Err(e @ StoreError::InvalidUrl(_)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "redis unreachable at start-up; retrying in 1s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // A bad configuration at start-up refuses to start.
+    let (shared, _watcher) = match &args.config {
+        Some(path) => {
+            let source = ConfigSource::new(path);
+            let (config, snapshot) = source.load()?;
+            tracing::info!(path = %path.display(), domains = ?config.domain_names(), "rate limit config loaded");
+            let shared = Arc::new(SharedConfig::new(config));
+            let every = Duration::from_millis(args.reload_ms.max(10));
+            let watcher = ConfigWatcher::spawn(source, Arc::clone(&shared), snapshot, every)?;
+            (shared, Some(watcher))
+        }
+        None => (Arc::new(SharedConfig::new(Config::default())), None),
+    };
+    let (store, backend) = match &args.redis_url {
+        Some(url) => {
+            let timeout = Duration::from_millis(args.redis_timeout_ms.max(1));
+            let redis = connect_redis(url, timeout).await?;
+            let backend = if redis.is_cluster() {
+                "redis cluster"
+            } else {
+                "redis"
+            };
+            (AnyStore::Redis(redis), backend)
+        }
+        None => (AnyStore::Memory(MemoryStore::new()), "in-memory"),
+    };
+
     let listener = TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     println!("LISTENING {addr}");
-    tracing::info!(%addr, "tollgate-ratelimit serving RLS v3 (in-memory counters)");
-    let service = RlsService::new(Arc::new(MemoryStore::new()));
+    tracing::info!(%addr, counters = backend, "tollgate-ratelimit serving RLS v3");
+    let service = RlsService::new(Arc::new(store), shared);
     tonic::transport::Server::builder()
         .add_service(RateLimitServiceServer::new(service))
         .serve_with_incoming_shutdown(

@@ -1,13 +1,14 @@
 //! In-memory GCRA counters, sharded so concurrent decisions on different keys do not
-//! contend on one lock. Expired counters are swept as a shard grows.
+//! contend on one lock. A batch locks its shards in index order (no deadlock between two
+//! batches) and is applied atomically. Expired counters are swept as a shard grows.
 
-use crate::gcra::{self, Nanos, Verdict};
-use crate::limit_policy::Limit;
+use super::{decide_batch, CounterStore, Hit, StoreError};
+use crate::gcra::{Nanos, Verdict};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 const SHARDS: usize = 64;
 const SWEEP_AT: usize = 4_096;
@@ -30,6 +31,12 @@ impl Default for MemoryStore {
     }
 }
 
+fn shard_of(key: &str) -> usize {
+    let mut h = DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() as usize) % SHARDS
+}
+
 impl MemoryStore {
     pub fn new() -> Self {
         Self {
@@ -48,39 +55,65 @@ impl MemoryStore {
     /// Current time on the store's clock; starts well above zero so that a fresh
     /// counter (TAT 0) is never "in the future".
     pub fn now(&self) -> Nanos {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        u64::try_from(self.epoch.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1_000_000_000)
     }
 
-    pub fn hit(&self, key: &str, limit: &Limit, hits: u64) -> Verdict {
-        self.hit_at(key, limit, hits, self.now())
-    }
-
-    pub fn hit_at(&self, key: &str, limit: &Limit, hits: u64, now: Nanos) -> Verdict {
-        let mut h = DefaultHasher::new();
-        key.hash(&mut h);
-        let idx = (h.finish() as usize) % SHARDS;
+    fn lock(&self, idx: usize) -> MutexGuard<'_, Shard> {
         // A poisoned lock only means another decision panicked mid-update; the map is
         // still a valid map of timestamps.
-        let mut shard = self.shards[idx]
+        self.shards[idx]
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let tat = shard.tats.get(key).copied().unwrap_or(0);
-        let (verdict, new_tat) = gcra::decide(limit, tat, now, hits);
-        if new_tat != tat {
-            shard.tats.insert(key.to_string(), new_tat);
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Decides a batch at a given time (tests drive the clock through this).
+    pub fn hit_batch_at(&self, hits: &[Hit], now: Nanos) -> Vec<Verdict> {
+        let mut idx: Vec<usize> = hits.iter().map(|h| shard_of(&h.key)).collect();
+        let mut order = idx.clone();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> =
+            order.iter().map(|&i| (i, self.lock(i))).collect();
+        // Map each hit to its guard's position so reads and writes find their shard.
+        for i in idx.iter_mut() {
+            *i = order.binary_search(i).unwrap_or(0);
         }
-        if shard.tats.len() >= shard.sweep_at {
-            shard.tats.retain(|_, t| *t > now);
-            shard.sweep_at = (shard.tats.len() * 2).max(SWEEP_AT);
+        let pos_of = |key: &str| -> usize {
+            hits.iter()
+                .position(|h| h.key == key)
+                .map(|p| idx[p])
+                .unwrap_or(0)
+        };
+        let (verdicts, writes) = decide_batch(hits, now, |key| {
+            guards[pos_of(key)].1.tats.get(key).copied().unwrap_or(0)
+        });
+        for (key, tat) in writes {
+            let shard = &mut guards[pos_of(key)].1;
+            if tat > now {
+                // Update in place: no key allocation for a counter that already exists.
+                match shard.tats.get_mut(key) {
+                    Some(t) => *t = tat,
+                    None => {
+                        shard.tats.insert(key.to_string(), tat);
+                    }
+                }
+            } else {
+                shard.tats.remove(key);
+            }
         }
-        verdict
+        for (_, shard) in guards.iter_mut() {
+            if shard.tats.len() >= shard.sweep_at {
+                shard.tats.retain(|_, t| *t > now);
+                shard.sweep_at = (shard.tats.len() * 2).max(SWEEP_AT);
+            }
+        }
+        verdicts
     }
 
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().map(|s| s.tats.len()).unwrap_or(0))
-            .sum()
+        (0..SHARDS).map(|i| self.lock(i).tats.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -88,38 +121,69 @@ impl MemoryStore {
     }
 }
 
+impl CounterStore for MemoryStore {
+    async fn hit_batch(&self, hits: &[Hit]) -> Result<Vec<Verdict>, StoreError> {
+        Ok(self.hit_batch_at(hits, self.now()))
+    }
+
+    async fn expires_in(&self, key: &str) -> Result<Option<Duration>, StoreError> {
+        let now = self.now();
+        let tat = self.lock(shard_of(key)).tats.get(key).copied();
+        Ok(tat
+            .filter(|t| *t > now)
+            .map(|t| Duration::from_nanos(t - now)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limit_policy::Unit;
+    use crate::counter_store::HitMode;
+    use crate::limit_policy::{Limit, Unit};
 
     const SEC: Nanos = 1_000_000_000;
+
+    fn hit(key: &str, n: u32, unit: Unit) -> Hit {
+        Hit {
+            key: key.to_string(),
+            limit: Limit {
+                requests_per_unit: n,
+                unit,
+            },
+            hits: 1,
+            mode: HitMode::Enforce,
+        }
+    }
 
     #[test]
     fn keys_are_counted_independently() {
         let s = MemoryStore::new();
-        let l = Limit {
-            requests_per_unit: 1,
-            unit: Unit::Minute,
-        };
-        assert!(s.hit_at("a", &l, 1, 100 * SEC).allowed);
-        assert!(!s.hit_at("a", &l, 1, 100 * SEC).allowed);
-        assert!(s.hit_at("b", &l, 1, 100 * SEC).allowed);
+        let a = [hit("a", 1, Unit::Minute)];
+        assert!(s.hit_batch_at(&a, 100 * SEC)[0].allowed);
+        assert!(!s.hit_batch_at(&a, 100 * SEC)[0].allowed);
+        assert!(s.hit_batch_at(&[hit("b", 1, Unit::Minute)], 100 * SEC)[0].allowed);
+    }
+
+    #[test]
+    fn a_repeated_key_in_one_batch_sees_the_earlier_hit() {
+        let s = MemoryStore::new();
+        let k = hit("k", 2, Unit::Minute);
+        let v = s.hit_batch_at(&[k.clone(), k.clone(), k.clone()], 100 * SEC);
+        let allowed: Vec<bool> = v.iter().map(|v| v.allowed).collect();
+        assert_eq!(allowed, vec![true, true, false]);
+        // The third hit denied the request, so nothing was consumed.
+        assert_eq!(s.hit_batch_at(&[k], 100 * SEC)[0].remaining, 1);
     }
 
     #[test]
     fn expired_counters_are_swept() {
         let s = MemoryStore::new();
-        let l = Limit {
-            requests_per_unit: 100,
-            unit: Unit::Second,
-        };
         for i in 0..(SWEEP_AT * SHARDS) {
-            s.hit_at(&format!("k{i}"), &l, 1, SEC);
+            s.hit_batch_at(&[hit(&format!("k{i}"), 100, Unit::Second)], SEC);
         }
         // Much later every counter is expired; new hits trigger sweeps per shard.
         for i in 0..(SWEEP_AT * SHARDS) {
-            s.hit_at(&format!("n{i}"), &l, 1, 1_000 * SEC);
+            s.hit_batch_at(&[hit(&format!("n{i}"), 100, Unit::Second)], 1_000 * SEC);
         }
         assert!(s.len() < 2 * SWEEP_AT * SHARDS, "len {}", s.len());
     }

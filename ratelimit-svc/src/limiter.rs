@@ -1,0 +1,162 @@
+//! One rate-limit decision, free of gRPC types (so admission can later be decided in the
+//! same call as authorization): resolves each descriptor's limit (Envoy's per-descriptor
+//! override first, then the file configuration), applies `replaces` and `unlimited`, asks
+//! the counter store once for every counted descriptor, and says whether the request is
+//! over limit.
+
+use crate::counter_store::{redis_keys, CounterStore, Hit, HitMode, StoreError};
+use crate::descriptor_config::Config;
+use crate::gcra::Verdict;
+use crate::limit_policy::Limit;
+
+/// A descriptor as the limiter sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor<'a> {
+    /// Entries in order, without the request id (which only identifies the request).
+    pub entries: Vec<(&'a str, &'a str)>,
+    /// Envoy's `descriptor.limit` (Tollgate's authz fills it from per-key metadata).
+    pub limit_override: Option<Limit>,
+    pub hits: u64,
+    /// Envoy's `is_negative_hits`: give `hits` back.
+    pub refund: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// No limit matched (or it was replaced): OK, not counted.
+    NotLimited,
+    /// `unlimited: true`: OK, not counted.
+    Unlimited,
+    Counted {
+        limit: Limit,
+        name: Option<String>,
+        shadow: bool,
+        verdict: Verdict,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// One per descriptor, in order.
+    pub outcomes: Vec<Outcome>,
+    /// Some enforced (not shadow) limit denied.
+    pub over_limit: bool,
+}
+
+struct Resolved<'c> {
+    /// `None`: unlimited.
+    limit: Option<Limit>,
+    name: Option<&'c str>,
+    replaces: &'c [String],
+    shadow: bool,
+}
+
+fn resolve<'c>(config: &'c Config, domain: &str, d: &Descriptor<'_>) -> Option<Resolved<'c>> {
+    if d.entries.is_empty() {
+        return None;
+    }
+    if let Some(limit) = d.limit_override {
+        // As in envoyproxy/ratelimit an override is never shadowed, named or replacing.
+        // Unlike it, an override applies even to a domain with no configuration: that is
+        // how Tollgate runs without `--config`.
+        return Some(Resolved {
+            limit: Some(limit),
+            name: None,
+            replaces: &[],
+            shadow: false,
+        });
+    }
+    let rule = config.find(domain, &d.entries)?;
+    Some(Resolved {
+        limit: rule.limit,
+        name: rule.name.as_deref(),
+        replaces: &rule.replaces,
+        shadow: rule.shadow_mode,
+    })
+}
+
+pub async fn decide<S: CounterStore>(
+    store: &S,
+    config: &Config,
+    domain: &str,
+    descriptors: &[Descriptor<'_>],
+) -> Result<Decision, StoreError> {
+    let mut resolved: Vec<Option<Resolved<'_>>> = descriptors
+        .iter()
+        .map(|d| resolve(config, domain, d))
+        .collect();
+    // `replaces`: a limit named in another matched limit's `replaces` is not checked.
+    // Unlimited rules replace too, as in envoyproxy/ratelimit.
+    let replaced: Vec<&str> = resolved
+        .iter()
+        .flatten()
+        .flat_map(|r| r.replaces.iter().map(String::as_str))
+        .collect();
+    if !replaced.is_empty() {
+        for r in resolved.iter_mut() {
+            if r.as_ref()
+                .and_then(|r| r.name)
+                .is_some_and(|n| replaced.contains(&n))
+            {
+                *r = None;
+            }
+        }
+    }
+    let mut hits = Vec::with_capacity(descriptors.len());
+    for (d, r) in descriptors.iter().zip(&resolved) {
+        let Some(Resolved {
+            limit: Some(limit),
+            shadow,
+            ..
+        }) = r
+        else {
+            continue;
+        };
+        hits.push(Hit {
+            key: redis_keys::counter_key(domain, &d.entries, limit),
+            limit: *limit,
+            hits: d.hits,
+            mode: if d.refund {
+                HitMode::Refund
+            } else if *shadow {
+                HitMode::Shadow
+            } else {
+                HitMode::Enforce
+            },
+        });
+    }
+    let verdicts = if hits.is_empty() {
+        Vec::new()
+    } else {
+        store.hit_batch(&hits).await?
+    };
+    let mut verdicts = verdicts.into_iter();
+    let mut over_limit = false;
+    let outcomes = resolved
+        .into_iter()
+        .map(|r| match r {
+            None => Outcome::NotLimited,
+            Some(Resolved { limit: None, .. }) => Outcome::Unlimited,
+            Some(Resolved {
+                limit: Some(limit),
+                name,
+                shadow,
+                ..
+            }) => {
+                // One verdict per hit, in order; a missing one (a store bug) denies.
+                let verdict = verdicts.next().unwrap_or_default();
+                over_limit |= !verdict.allowed && !shadow;
+                Outcome::Counted {
+                    limit,
+                    name: name.map(str::to_string),
+                    shadow,
+                    verdict,
+                }
+            }
+        })
+        .collect();
+    Ok(Decision {
+        outcomes,
+        over_limit,
+    })
+}
