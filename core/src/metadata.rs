@@ -27,6 +27,15 @@ pub const PROMPT_LOG: &str = "prompt_log";
 /// Max concurrent requests of a key (string of a number).
 pub const KEY_MAX_CONCURRENT: &str = "key_max_concurrent";
 
+/// Descriptor entry marking a token counter (TPM, budgets) and what this call does to it:
+/// `tokens` admits against the reservation, `tokens_extra` debits tokens used beyond it
+/// (never refused), `tokens_refund` gives back what was reserved but not used. All three
+/// address the same counter.
+pub const DESCRIPTOR_PHASE: &str = "tollgate_phase";
+pub const PHASE_TOKENS: &str = "tokens";
+pub const PHASE_TOKENS_EXTRA: &str = "tokens_extra";
+pub const PHASE_TOKENS_REFUND: &str = "tokens_refund";
+
 /// Descriptor entry carrying `x-request-id`, so the RLS can put it in its error body.
 /// It identifies the request, not the limit, and is never part of a counter key.
 pub const DESCRIPTOR_REQUEST_ID: &str = "request_id";

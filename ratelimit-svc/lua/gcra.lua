@@ -5,7 +5,7 @@
 --
 -- KEYS[i]   counter key (all in one Cluster slot: the caller groups them)
 -- ARGV[4i-3] period in µs   ARGV[4i-2] requests per period
--- ARGV[4i-1] hits           ARGV[4i]   mode: e = enforce, s = shadow, r = refund
+-- ARGV[4i-1] hits           ARGV[4i]   mode: e = enforce, s = shadow, r = refund, d = debit
 -- Returns four integers per key: allowed (1/0), remaining, reset_after µs, retry_after µs.
 --
 -- The server's clock (TIME) is the only clock, so replicas of the service with skewed
@@ -41,7 +41,21 @@ for i = 1, #KEYS do
   local interval = math.max(math.floor(period / math.max(per, 1)), 1)
   local allow_until = now + period
 
-  if mode == 'r' then
+  if mode == 'd' then
+    -- Tokens already used: consumed even past the limit, and even when another hit of
+    -- the request is denied.
+    local function debit(tat)
+      if hits == 0 then return tat end
+      return math.max(tat, now) + interval * hits
+    end
+    c.all = debit(c.all)
+    c.refunds = debit(c.refunds)
+    local tat = math.max(c.all, now)
+    out[#out + 1] = 1
+    out[#out + 1] = math.max(math.floor((allow_until - tat) / interval), 0)
+    out[#out + 1] = tat - now
+    out[#out + 1] = 0
+  elseif mode == 'r' then
     local function give_back(tat)
       if tat <= now then return tat end
       return math.max(tat - interval * hits, now)

@@ -61,6 +61,24 @@ pub fn decide(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nan
 /// Gives `hits` back (Envoy's `is_negative_hits`, a refund of a reservation): moves the
 /// TAT back, never below `now`, so a refund restores at most a full burst and never
 /// consumes. Always allowed. Returns the verdict and the TAT to store.
+/// Consumes `hits` whatever is left: a debit of what was already used (tokens counted at
+/// stream end) is never refused; it pushes later admissions back instead.
+pub fn debit(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nanos) {
+    let (period, interval) = period_and_interval(limit);
+    let new_tat = if hits == 0 {
+        tat
+    } else {
+        tat.max(now).saturating_add(interval.saturating_mul(hits))
+    };
+    let verdict = Verdict {
+        allowed: true,
+        remaining: remaining(now.saturating_add(period), new_tat.max(now), interval),
+        reset_after: new_tat.saturating_sub(now),
+        retry_after: 0,
+    };
+    (verdict, new_tat)
+}
+
 pub fn refund(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nanos) {
     let (period, interval) = period_and_interval(limit);
     // A counter already back to full has nothing to give back; keep it as stored so a
@@ -81,6 +99,29 @@ pub fn refund(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nan
 
 fn remaining(allow_until: Nanos, tat: Nanos, interval: Nanos) -> u32 {
     u32::try_from(allow_until.saturating_sub(tat) / interval).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod debit_tests {
+    use super::*;
+    use crate::limit_policy::Unit;
+
+    #[test]
+    fn debit_consumes_past_the_limit_and_never_denies() {
+        let l = Limit {
+            requests_per_unit: 10,
+            unit: Unit::Minute,
+        };
+        let now = 1_000_000_000_000;
+        let (v, tat) = debit(&l, 0, now, 25);
+        assert!(v.allowed);
+        assert_eq!(v.remaining, 0);
+        // 15 over the burst: the next single hit waits 15 intervals (6 s each) plus one.
+        let (v, _) = decide(&l, tat, now, 1);
+        assert!(!v.allowed);
+        assert_eq!(v.retry_after, 16 * 6_000_000_000);
+        assert_eq!(debit(&l, tat, now, 0).1, tat, "0 only reads");
+    }
 }
 
 #[cfg(test)]

@@ -17,8 +17,12 @@ pub struct Descriptor<'a> {
     /// Envoy's `descriptor.limit` (Tollgate's authz fills it from per-key metadata).
     pub limit_override: Option<Limit>,
     pub hits: u64,
-    /// Envoy's `is_negative_hits`: give `hits` back.
+    /// Envoy's `is_negative_hits`, or a `tokens_refund` phase: give `hits` back.
     pub refund: bool,
+    /// A `tokens_extra` phase: consume `hits` even past the limit.
+    pub debit: bool,
+    /// A token counter (TPM or budget) rather than a request counter.
+    pub tokens: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +122,8 @@ pub async fn decide<S: CounterStore>(
             hits: d.hits,
             mode: if d.refund {
                 HitMode::Refund
+            } else if d.debit {
+                HitMode::Debit
             } else if *shadow {
                 HitMode::Shadow
             } else {

@@ -58,11 +58,18 @@ pub fn parse_descriptor(
 ) -> (Descriptor<'_>, Option<&str>) {
     let mut request_id = None;
     let mut entries = Vec::with_capacity(d.entries.len());
+    let (mut tokens, mut debit, mut phase_refund) = (false, false, false);
     for e in &d.entries {
         // The request id identifies the request, not the limit: never matched, never
         // part of a counter key.
         if e.key == metadata::DESCRIPTOR_REQUEST_ID {
             request_id = Some(e.value.as_str());
+        } else if e.key == metadata::DESCRIPTOR_PHASE {
+            // Admission, extra debit and refund all address one token counter.
+            tokens = true;
+            debit = e.value == metadata::PHASE_TOKENS_EXTRA;
+            phase_refund = e.value == metadata::PHASE_TOKENS_REFUND;
+            entries.push((e.key.as_str(), metadata::PHASE_TOKENS));
         } else {
             entries.push((e.key.as_str(), e.value.as_str()));
         }
@@ -83,7 +90,9 @@ pub fn parse_descriptor(
         entries,
         limit_override,
         hits,
-        refund: d.is_negative_hits,
+        refund: d.is_negative_hits || phase_refund,
+        debit,
+        tokens,
     };
     (descriptor, request_id)
 }
@@ -149,27 +158,65 @@ fn status_for(outcome: &Outcome) -> DescriptorStatus {
     }
 }
 
-/// Builds Envoy's answer from a decision.
-pub fn response_for(decision: &Decision, request_id: &str) -> RateLimitResponse {
+/// What a counted limit limits, for headers and error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counts {
+    Requests,
+    Tokens,
+}
+
+/// Token limits over a day or longer are budgets; shorter ones are rates (TPM).
+fn is_budget(limit: &Limit) -> bool {
+    matches!(
+        limit.unit,
+        Unit::Day | Unit::Week | Unit::Month | Unit::Year
+    )
+}
+
+fn refusal(counts: Counts, limit: &Limit) -> (&'static str, &'static str) {
+    match counts {
+        Counts::Requests => ("rate_limited", "request rate limit reached"),
+        Counts::Tokens if is_budget(limit) => ("budget_exceeded", "token budget used up"),
+        Counts::Tokens => ("tokens_exhausted", "token rate limit reached"),
+    }
+}
+
+/// Builds Envoy's answer from a decision; `counts` says, per descriptor, what it counts.
+pub fn response_for(decision: &Decision, counts: &[Counts], request_id: &str) -> RateLimitResponse {
     let statuses = decision.outcomes.iter().map(status_for).collect();
-    let enforced = decision.outcomes.iter().filter_map(|o| match o {
-        Outcome::Counted {
-            limit,
-            shadow: false,
-            verdict,
-            ..
-        } => Some((*limit, *verdict)),
-        _ => None,
-    });
-    let mut over: Option<(Limit, Verdict)> = None;
-    let mut tightest: Option<(Limit, Verdict)> = None;
-    for (limit, v) in enforced {
+    let enforced = decision
+        .outcomes
+        .iter()
+        .zip(
+            counts
+                .iter()
+                .copied()
+                .chain(std::iter::repeat(Counts::Requests)),
+        )
+        .filter_map(|(o, c)| match o {
+            Outcome::Counted {
+                limit,
+                shadow: false,
+                verdict,
+                ..
+            } => Some((c, *limit, *verdict)),
+            _ => None,
+        });
+    let mut over: Option<(Counts, Limit, Verdict)> = None;
+    let mut tightest_requests: Option<(Limit, Verdict)> = None;
+    let mut tightest_tokens: Option<(Limit, Verdict)> = None;
+    for (c, limit, v) in enforced {
         // The request is admitted once every denying limit admits: report the longest wait.
-        if !v.allowed && over.is_none_or(|(_, o)| v.retry_after > o.retry_after) {
-            over = Some((limit, v));
+        if !v.allowed && over.is_none_or(|(_, _, o)| v.retry_after > o.retry_after) {
+            over = Some((c, limit, v));
         }
-        if tightest.is_none_or(|(_, t)| v.remaining < t.remaining) {
-            tightest = Some((limit, v));
+        let slot = match c {
+            Counts::Requests => &mut tightest_requests,
+            Counts::Tokens if is_budget(&limit) => continue,
+            Counts::Tokens => &mut tightest_tokens,
+        };
+        if slot.is_none_or(|(_, t)| v.remaining < t.remaining) {
+            *slot = Some((limit, v));
         }
     }
     let mut response = RateLimitResponse {
@@ -177,19 +224,32 @@ pub fn response_for(decision: &Decision, request_id: &str) -> RateLimitResponse 
         statuses,
         ..Default::default()
     };
-    if let Some((limit, v)) = over.or(tightest) {
-        response.response_headers_to_add = vec![
-            header(
-                "x-ratelimit-limit-requests",
-                limit.requests_per_unit.to_string(),
-            ),
-            header("x-ratelimit-remaining-requests", v.remaining.to_string()),
-            header("x-ratelimit-reset-requests", openai_duration(v.reset_after)),
-        ];
+    // OpenAI's headers, for requests and for tokens (per minute), on every answer.
+    for (kind, tightest) in [("requests", tightest_requests), ("tokens", tightest_tokens)] {
+        if let Some((limit, v)) = tightest {
+            response.response_headers_to_add.extend([
+                header(
+                    &format!("x-ratelimit-limit-{kind}"),
+                    limit.requests_per_unit.to_string(),
+                ),
+                header(
+                    &format!("x-ratelimit-remaining-{kind}"),
+                    v.remaining.to_string(),
+                ),
+                header(
+                    &format!("x-ratelimit-reset-{kind}"),
+                    openai_duration(v.reset_after),
+                ),
+            ]);
+        }
     }
     if decision.over_limit {
         response.overall_code = Code::OverLimit as i32;
-        let retry = over.map_or(1, |(_, v)| ceil_secs(v.retry_after).max(1));
+        let retry = over.map_or(1, |(_, _, v)| ceil_secs(v.retry_after).max(1));
+        let (code, what) = over.map_or(
+            ("rate_limited", "request rate limit reached"),
+            |(c, l, _)| refusal(c, &l),
+        );
         response
             .response_headers_to_add
             .push(header("retry-after", retry.to_string()));
@@ -199,14 +259,10 @@ pub fn response_for(decision: &Decision, request_id: &str) -> RateLimitResponse 
         // The error code header is what the audit log records as the reason.
         response
             .response_headers_to_add
-            .push(header(metadata::HEADER_ERROR, "rate_limited".to_string()));
-        response.raw_body = error_body::render(
-            429,
-            "rate_limited",
-            &format!("request rate limit reached; retry in {retry}s"),
-            request_id,
-        )
-        .into_bytes();
+            .push(header(metadata::HEADER_ERROR, code.to_string()));
+        response.raw_body =
+            error_body::render(429, code, &format!("{what}; retry in {retry}s"), request_id)
+                .into_bytes();
     }
     response
 }
@@ -230,7 +286,17 @@ pub async fn decide<S: CounterStore>(
         })
         .collect();
     let decision = limiter::decide(store, config, &req.domain, &descriptors).await?;
-    Ok((response_for(&decision, request_id), decision))
+    let counts: Vec<Counts> = descriptors
+        .iter()
+        .map(|d| {
+            if d.tokens {
+                Counts::Tokens
+            } else {
+                Counts::Requests
+            }
+        })
+        .collect();
+    Ok((response_for(&decision, &counts, request_id), decision))
 }
 
 #[tonic::async_trait]
@@ -305,6 +371,87 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// A token descriptor of `phase` for key `k1`, limit `n` per `unit`, costing `hits`.
+    fn tokens(phase: &str, n: u32, unit: i32, hits: u64) -> RateLimitDescriptor {
+        RateLimitDescriptor {
+            entries: vec![
+                entry("key_id", "k1"),
+                entry("tollgate_phase", phase),
+                entry("request_id", "rid-9"),
+            ],
+            limit: Some(RateLimitOverride {
+                requests_per_unit: n,
+                unit,
+            }),
+            hits_addend: Some(envoy_types::pb::google::protobuf::UInt64Value { value: hits }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn tokens_are_reserved_then_refunded_or_debited_on_one_counter() {
+        let store = MemoryStore::new();
+        let config = Config::default();
+        let decide_one = |d: RateLimitDescriptor| {
+            let req = request(vec![d]);
+            let store = &store;
+            let config = &config;
+            async move { decide(store, config, &req).await.unwrap().0 }
+        };
+        // 100 tokens per minute; a 60-token reservation is admitted.
+        let r = decide_one(tokens("tokens", 100, 2, 60)).await;
+        assert_eq!(r.overall_code, Code::Ok as i32);
+        assert_eq!(
+            header_value(&r, "x-ratelimit-limit-tokens").as_deref(),
+            Some("100")
+        );
+        assert_eq!(
+            header_value(&r, "x-ratelimit-remaining-tokens").as_deref(),
+            Some("40")
+        );
+        // A second 60 does not fit: tokens_exhausted, nothing consumed.
+        let r = decide_one(tokens("tokens", 100, 2, 60)).await;
+        assert_eq!(r.overall_code, Code::OverLimit as i32);
+        let body: serde_json::Value = serde_json::from_slice(&r.raw_body).unwrap();
+        assert_eq!(body["error"]["code"], "tokens_exhausted");
+        assert_eq!(
+            header_value(&r, "x-tollgate-error").as_deref(),
+            Some("tokens_exhausted")
+        );
+        // The first stream used 10: 50 come back, and now 60 fit.
+        decide_one(tokens("tokens_refund", 100, 2, 50)).await;
+        assert_eq!(
+            decide_one(tokens("tokens", 100, 2, 60)).await.overall_code,
+            Code::Ok as i32
+        );
+        // That one used 90: 30 more are debited past what is left, never refused.
+        let r = decide_one(tokens("tokens_extra", 100, 2, 30)).await;
+        assert_eq!(r.overall_code, Code::Ok as i32);
+        assert_eq!(
+            header_value(&r, "x-ratelimit-remaining-tokens").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            decide_one(tokens("tokens", 100, 2, 1)).await.overall_code,
+            Code::OverLimit as i32
+        );
+    }
+
+    #[tokio::test]
+    async fn a_daily_token_limit_is_a_budget() {
+        let store = MemoryStore::new();
+        let config = Config::default();
+        let req = request(vec![tokens("tokens", 50, 4, 60)]);
+        let (r, _) = decide(&store, &config, &req).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&r.raw_body).unwrap();
+        assert_eq!(body["error"]["code"], "budget_exceeded");
+        assert_eq!(
+            header_value(&r, "x-ratelimit-limit-tokens"),
+            None,
+            "budgets are not TPM"
+        );
     }
 
     fn request(ds: Vec<RateLimitDescriptor>) -> RateLimitRequest {

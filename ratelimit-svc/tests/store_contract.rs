@@ -137,6 +137,38 @@ async fn negative_hits_never_consume<S: CounterStore>(s: &S, ns: &str) {
     assert!(!one(s, hit(&k, l, 1, HitMode::Enforce)).await.allowed);
 }
 
+async fn debits_consume_past_the_limit_and_survive_a_denied_batch<S: CounterStore>(
+    s: &S,
+    ns: &str,
+) {
+    let l = limit(10, Unit::Minute);
+    let k = key(ns, "debit", "", &l);
+    // Tokens already used are never refused, even beyond the limit.
+    let v = one(s, hit(&k, l, 15, HitMode::Debit)).await;
+    assert!(v.allowed);
+    assert_eq!(v.remaining, 0);
+    assert!(!one(s, hit(&k, l, 1, HitMode::Enforce)).await.allowed);
+    // A debit in a batch another hit denies still lands.
+    let k2 = key(ns, "debit2", "", &l);
+    let tight = limit(1, Unit::Minute);
+    let other = key(ns, "debit-other", "", &tight);
+    one(s, hit(&other, tight, 1, HitMode::Enforce)).await;
+    let vs = s
+        .hit_batch(&[
+            hit(&k2, l, 4, HitMode::Debit),
+            hit(&other, tight, 1, HitMode::Enforce),
+        ])
+        .await
+        .unwrap();
+    assert!(!vs[1].allowed);
+    assert_eq!(one(s, hit(&k2, l, 0, HitMode::Enforce)).await.remaining, 6);
+    assert_eq!(
+        one(s, hit(&k2, l, 0, HitMode::Debit)).await.remaining,
+        6,
+        "0 only reads"
+    );
+}
+
 async fn counters_expire_when_back_to_full<S: CounterStore>(s: &S, ns: &str) {
     let l = limit(60, Unit::Minute);
     let k = key(ns, "ttl", "", &l);
@@ -251,6 +283,7 @@ async fn contract<S: CounterStore>(store: Arc<S>, ns: &str) {
     hits_addend_consumes_several(s, ns).await;
     zero_hits_only_read(s, ns).await;
     negative_hits_never_consume(s, ns).await;
+    debits_consume_past_the_limit_and_survive_a_denied_batch(s, ns).await;
     counters_expire_when_back_to_full(s, ns).await;
     concurrent_decisions_never_admit_more_than_the_limit(&store, ns).await;
     a_denied_batch_consumes_nothing(s, ns).await;

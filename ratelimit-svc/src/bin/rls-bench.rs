@@ -6,7 +6,8 @@
 //! Run: `cargo build --release -p tollgate-ratelimit && target/release/rls-bench`
 //! Options: `--decisions N` (per C=64 run; C=1 runs a tenth), `--rss-decisions N`,
 //! `--redis-url URL` (use a running Redis instead of starting one), `--skip-rss`,
-//! `--memory-only`, `--server PATH` (another RLS binary taking `--listen`).
+//! `--backends noop,memory,redis` (which rows to run), `--server PATH` (another RLS
+//! binary taking `--listen`, measured in place of tollgate-ratelimit).
 //!
 //! The first row is a no-op RLS (this binary re-run with `--serve-noop`: the same tonic
 //! server answering OK without looking at the request) pinned the same way: the floor
@@ -410,18 +411,17 @@ fn main() -> Res<()> {
         let runs = [(1, decisions / 10), (64, decisions)];
         let mut rows = Vec::new();
         let mut rss_rows = Vec::new();
-        let memory_only = args.iter().any(|a| a == "--memory-only");
+        let only = arg_value(&args, "--backends").unwrap_or_else(|| "noop,memory,redis".into());
+        let wanted = |name: &str| only.split(',').any(|b| b.trim() == name);
         let other = arg_value(&args, "--server");
         let tollgate = other.as_deref().map_or(Target::Tollgate, Target::Other);
-        let server = start_server(Target::Noop, None)?;
-        rows.extend(throughput("no-op RLS (floor)", &server, &runs).await?);
-        drop(server);
-        let backends: &[(&'static str, Option<&str>)] = if memory_only {
-            &[("memory", None)]
-        } else {
-            &[("memory", None), ("redis", Some(redis_url.as_str()))]
-        };
-        for &(backend, url) in backends {
+        if wanted("noop") {
+            let server = start_server(Target::Noop, None)?;
+            rows.extend(throughput("no-op RLS (floor)", &server, &runs).await?);
+            drop(server);
+        }
+        let backends = [("memory", None), ("redis", Some(redis_url.as_str()))];
+        for (backend, url) in backends.into_iter().filter(|(b, _)| wanted(b)) {
             let server = start_server(tollgate, url)?;
             rows.extend(throughput(backend, &server, &runs).await?);
             drop(server);

@@ -23,6 +23,8 @@ pub enum HitMode {
     Shadow,
     /// Gives `hits` back (Envoy's `is_negative_hits`); never denies, never consumes.
     Refund,
+    /// Consumes `hits` even past the limit; never denies (tokens already used).
+    Debit,
 }
 
 /// One counter update of a rate-limit request.
@@ -141,6 +143,13 @@ pub(crate) fn decide_batch<'a>(
                 let (v, t) = gcra::refund(&h.limit, c.all, now, h.hits);
                 c.all = t;
                 c.refunds = gcra::refund(&h.limit, c.refunds, now, h.hits).1;
+                verdicts.push(v);
+            }
+            HitMode::Debit => {
+                let (v, t) = gcra::debit(&h.limit, c.all, now, h.hits);
+                c.all = t;
+                // Applied even when another hit denies the request: the tokens were used.
+                c.refunds = gcra::debit(&h.limit, c.refunds, now, h.hits).1;
                 verdicts.push(v);
             }
             HitMode::Enforce | HitMode::Shadow => {

@@ -221,6 +221,7 @@ async fn run_script<C: ConnectionLike>(
             HitMode::Enforce => "e",
             HitMode::Shadow => "s",
             HitMode::Refund => "r",
+            HitMode::Debit => "d",
         };
         cmd.arg(period_us)
             .arg(h.limit.requests_per_unit)
