@@ -6,4 +6,5 @@ pub mod http;
 pub mod paths;
 pub mod postgres;
 pub mod process;
+pub mod redis;
 pub mod stack;

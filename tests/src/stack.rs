@@ -41,6 +41,8 @@ pub struct StackOptions {
     pub envoy_concurrency: u32,
     /// Models the mock serves (comma-separated); its default list when `None`.
     pub mock_models: Option<String>,
+    /// Extra arguments for tollgate-ratelimit (e.g. `--redis-url`).
+    pub ratelimit_args: Vec<String>,
 }
 
 impl Default for StackOptions {
@@ -63,6 +65,7 @@ impl Default for StackOptions {
             pin_cpus: false,
             envoy_concurrency: 1,
             mock_models: None,
+            ratelimit_args: Vec::new(),
         }
     }
 }
@@ -232,6 +235,7 @@ impl Stack {
             "--listen",
             &format!("127.0.0.1:{}", opts.ratelimit_port.unwrap_or(0)),
         ]);
+        cmd.args(&opts.ratelimit_args);
         let mut ratelimit = Proc::spawn("tollgate-ratelimit", cmd, &dir)?;
         let rls_port = port_of(&ratelimit.wait_for_line("LISTENING ", READY)?)?;
 

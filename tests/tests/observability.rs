@@ -254,12 +254,16 @@ fn prompt_logging_is_opt_in_per_tenant_and_kept_apart_from_audit() {
     let stack = start(StackOptions::default());
     let (_, logged_key) = stack.create_key("logged", None).unwrap();
     let (_, quiet_key) = stack.create_key("quiet", None).unwrap();
-    stack.admin(&["tenant", "prompt-log", "logged", "--days", "7"]).unwrap();
+    stack
+        .admin(&["tenant", "prompt-log", "logged", "--days", "7"])
+        .unwrap();
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(chat(&stack, Some(&logged_key)).status, 200);
     assert_eq!(chat(&stack, Some(&quiet_key)).status, 200);
     let export = |tenant: &str| -> Vec<Value> {
-        let out = stack.admin(&["--json", "prompts", "--tenant", tenant, "--since", "1h"]).unwrap();
+        let out = stack
+            .admin(&["--json", "prompts", "--tenant", tenant, "--since", "1h"])
+            .unwrap();
         serde_json::from_str(out.trim()).unwrap()
     };
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -277,6 +281,8 @@ fn prompt_logging_is_opt_in_per_tenant_and_kept_apart_from_audit() {
     let rows = serde_json::to_string(&audit(&stack)).unwrap();
     assert!(!rows.contains(PROMPT_MARKER), "content in the audit log");
     // Turning it off purges what was kept.
-    stack.admin(&["tenant", "prompt-log", "logged", "--days", "0"]).unwrap();
+    stack
+        .admin(&["tenant", "prompt-log", "logged", "--days", "0"])
+        .unwrap();
     assert!(export("logged").is_empty());
 }
