@@ -176,3 +176,14 @@ fn tpm_on_redis_fails_closed_while_redis_is_down_and_recovers() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn ratelimit_foundation_profile_refuses_in_memory_counters() {
+    let out = std::process::Command::new(tollgate_e2e::paths::binary("tollgate-ratelimit"))
+        .args(["--profile", "foundation", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("counters must be in Redis"), "{err}");
+}

@@ -44,15 +44,27 @@ struct Args {
     /// Bound on every Redis call, in milliseconds; beyond it the decision is UNAVAILABLE.
     #[arg(long, env = "TOLLGATE_REDIS_TIMEOUT_MS", default_value_t = 500)]
     redis_timeout_ms: u64,
+
+    /// `casual` (default: in-memory counters allowed) or `foundation`, which refuses to
+    /// start without Redis: in-memory counters are per process, so replicas would each
+    /// grant the full limit.
+    #[arg(long, env = "TOLLGATE_PROFILE", default_value = "casual")]
+    profile: String,
 }
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // Same switch as tollgate-authz: one JSON object per line for log shippers.
+    if std::env::var("TOLLGATE_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
     match run(Args::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -78,6 +90,16 @@ async fn connect_redis(url: &str, timeout: Duration) -> Result<RedisStore, Store
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    match (args.profile.as_str(), &args.redis_url) {
+        ("casual", _) | ("foundation", Some(_)) => {}
+        ("foundation", None) => {
+            return Err(
+                "foundation profile refuses to start: counters must be in Redis (--redis-url)"
+                    .into(),
+            )
+        }
+        (other, _) => return Err(format!("unknown profile {other:?}: casual or foundation").into()),
+    }
     // A bad configuration at start-up refuses to start.
     let (shared, _watcher) = match &args.config {
         Some(path) => {
