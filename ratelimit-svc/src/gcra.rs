@@ -58,9 +58,6 @@ pub fn decide(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nan
     (verdict, new_tat)
 }
 
-/// Gives `hits` back (Envoy's `is_negative_hits`, a refund of a reservation): moves the
-/// TAT back, never below `now`, so a refund restores at most a full burst and never
-/// consumes. Always allowed. Returns the verdict and the TAT to store.
 /// Consumes `hits` whatever is left: a debit of what was already used (tokens counted at
 /// stream end) is never refused; it pushes later admissions back instead.
 pub fn debit(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nanos) {
@@ -79,6 +76,9 @@ pub fn debit(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nano
     (verdict, new_tat)
 }
 
+/// Gives `hits` back (Envoy's `is_negative_hits`, a refund of a reservation): moves the
+/// TAT back, never below `now`, so a refund restores at most a full burst and never
+/// consumes. Always allowed. Returns the verdict and the TAT to store.
 pub fn refund(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nanos) {
     let (period, interval) = period_and_interval(limit);
     // A counter already back to full has nothing to give back; keep it as stored so a

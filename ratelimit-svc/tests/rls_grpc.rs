@@ -163,10 +163,13 @@ fn start_rls(args: &[&str]) -> Result<Rls, String> {
         .args(args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    // Logs go to stderr: collected to explain an exit.
+    let logs = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
     let (tx, rx) = std::sync::mpsc::channel();
     // Keep reading so the child never blocks on a full pipe.
     std::thread::spawn(move || {
@@ -193,7 +196,11 @@ fn start_rls(args: &[&str]) -> Result<Rls, String> {
                 .ok_or(addr)?;
             Ok(rls)
         }
-        Ok(Err(output)) => Err(format!("exited: {:?}\n{output}", rls.child.wait())),
+        Ok(Err(output)) => {
+            let status = rls.child.wait();
+            let logs = logs.join().unwrap_or_default();
+            Err(format!("exited: {status:?}\n{output}{logs}"))
+        }
         Err(_) => Err("no LISTENING line".into()),
     }
 }
