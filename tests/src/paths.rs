@@ -15,9 +15,9 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// A native binary of this workspace. `TOLLGATE_PROFILE` picks debug (default) or release.
+/// A native binary of this workspace. `TOLLGATE_BUILD_PROFILE` picks debug (default) or release.
 pub fn binary(name: &str) -> PathBuf {
-    let profile = std::env::var("TOLLGATE_PROFILE").unwrap_or_else(|_| "debug".into());
+    let profile = std::env::var("TOLLGATE_BUILD_PROFILE").unwrap_or_else(|_| "debug".into());
     target_dir().join(profile).join(name)
 }
 

@@ -4,7 +4,7 @@
 //! Envoy is pinned to CPU 1, everything else (this load generator included) to CPU 0.
 //!
 //! Run: `make build && taskset -c 0 target/debug/gateway-bench` (services are started from
-//! target/$TOLLGATE_PROFILE; use TOLLGATE_PROFILE=release after `cargo build --release`).
+//! target/$TOLLGATE_BUILD_PROFILE; use TOLLGATE_BUILD_PROFILE=release after `cargo build --release`).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
