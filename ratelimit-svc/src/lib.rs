@@ -7,4 +7,5 @@ pub mod descriptor_config;
 pub mod gcra;
 pub mod limit_policy;
 pub mod limiter;
+pub mod metrics;
 pub mod rls_service;

@@ -33,6 +33,7 @@ pub struct RlsService<S> {
     /// not one per request.
     last_error_log: AtomicU64,
     shadow_over_limit: AtomicU64,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl<S: CounterStore> RlsService<S> {
@@ -42,7 +43,14 @@ impl<S: CounterStore> RlsService<S> {
             config,
             last_error_log: AtomicU64::new(0),
             shadow_over_limit: AtomicU64::new(0),
+            metrics: None,
         }
+    }
+
+    /// Counts every decision in `metrics` (served on the HTTP side port).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Decisions a `shadow_mode` limit would have denied, since start.
@@ -307,7 +315,17 @@ impl<S: CounterStore> RateLimitService for RlsService<S> {
     ) -> Result<Response<RateLimitResponse>, Status> {
         let req = request.into_inner();
         let config = self.config.current();
-        match decide(&*self.store, &config, &req).await {
+        let started = std::time::Instant::now();
+        let result = decide(&*self.store, &config, &req).await;
+        if let Some(m) = &self.metrics {
+            let label = match &result {
+                Ok((_, d)) if d.over_limit => "over_limit",
+                Ok(_) => "ok",
+                Err(_) => "unavailable",
+            };
+            m.observe(label, started.elapsed().as_secs_f64());
+        }
+        match result {
             Ok((resp, decision)) => {
                 for o in &decision.outcomes {
                     if let Outcome::Counted {

@@ -94,6 +94,8 @@ pub struct Stack {
     pub authz: Vec<Proc>,
     /// tollgate-authz's /metrics, /healthz, /readyz port, per replica.
     pub authz_http_ports: Vec<u16>,
+    /// tollgate-ratelimit's /metrics, /healthz, /readyz port.
+    pub ratelimit_http_port: u16,
     pub ratelimit: Proc,
     pub envoy: Proc,
     temp: bool,
@@ -235,8 +237,13 @@ impl Stack {
             "--listen",
             &format!("127.0.0.1:{}", opts.ratelimit_port.unwrap_or(0)),
         ]);
+        cmd.args([
+            "--http-listen",
+            &format!("127.0.0.1:{}", opts.ratelimit_port.map_or(0, |p| p + 10)),
+        ]);
         cmd.args(&opts.ratelimit_args);
         let mut ratelimit = Proc::spawn("tollgate-ratelimit", cmd, &dir)?;
+        let ratelimit_http_port = port_of(&ratelimit.wait_for_line("HTTP ", READY)?)?;
         let rls_port = port_of(&ratelimit.wait_for_line("LISTENING ", READY)?)?;
 
         let ports = EnvoyPorts {
@@ -277,6 +284,7 @@ impl Stack {
             mock,
             authz,
             authz_http_ports,
+            ratelimit_http_port,
             ratelimit,
             envoy,
             temp,

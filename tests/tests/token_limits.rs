@@ -146,7 +146,25 @@ fn tpm_on_redis_fails_closed_while_redis_is_down_and_recovers() {
     assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("100"));
     std::thread::sleep(Duration::from_millis(150));
     let before = streamed_chats(&stack);
+    let readyz = |want: u16| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = http::get(stack.ratelimit_http_port, "/readyz", &[])
+                .map(|r| r.status)
+                .unwrap_or(0);
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ratelimit /readyz stayed {got}, wanted {want}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    readyz(200);
     redis.stop_server();
+    readyz(503);
     for _ in 0..5 {
         let r = stream(&stack, &key);
         assert_eq!(
@@ -175,6 +193,23 @@ fn tpm_on_redis_fails_closed_while_redis_is_down_and_recovers() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    readyz(200);
+    let m = http::get(stack.ratelimit_http_port, "/metrics", &[])
+        .unwrap()
+        .text();
+    let count = |result: &str| -> f64 {
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "tollgate_ratelimit_decisions_total{{result=\"{result}\"}} "
+                ))?
+                .parse()
+                .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    assert!(count("unavailable") >= 5.0, "{m}");
+    assert!(count("ok") >= 2.0, "{m}");
 }
 
 #[test]

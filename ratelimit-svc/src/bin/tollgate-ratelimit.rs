@@ -50,6 +50,14 @@ struct Args {
     /// grant the full limit.
     #[arg(long, env = "TOLLGATE_PROFILE", default_value = "casual")]
     profile: String,
+
+    /// Plain-HTTP address for /metrics, /healthz and /readyz (printed as `HTTP <addr>`).
+    #[arg(
+        long,
+        env = "TOLLGATE_RATELIMIT_HTTP_LISTEN",
+        default_value = "127.0.0.1:10012"
+    )]
+    http_listen: SocketAddr,
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -86,6 +94,36 @@ async fn connect_redis(url: &str, timeout: Duration) -> Result<RedisStore, Store
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+/// Ready while the counter store answers (Redis reachable; memory always): /readyz and the
+/// gRPC health service say the same.
+async fn readiness_loop(
+    store: Arc<AnyStore>,
+    metrics: Arc<tollgate_ratelimit::metrics::Metrics>,
+    health: tonic_health::server::HealthReporter,
+) {
+    use tollgate_ratelimit::counter_store::CounterStore;
+    loop {
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_secs(1), store.expires_in("tg:{readiness}")).await,
+            Ok(Ok(_))
+        );
+        if ok != metrics.ready() {
+            tracing::info!(ready = ok, "readiness changed");
+        }
+        metrics.set_ready(ok);
+        let status = if ok {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        health.set_service_status("", status).await;
+        health
+            .set_service_status("envoy.service.ratelimit.v3.RateLimitService", status)
+            .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -127,12 +165,28 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None => (AnyStore::Memory(MemoryStore::new()), "in-memory"),
     };
 
+    let store = Arc::new(store);
+    let metrics = Arc::new(tollgate_ratelimit::metrics::Metrics::new()?);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(readiness_loop(
+        Arc::clone(&store),
+        Arc::clone(&metrics),
+        health,
+    ));
+    let http = TcpListener::bind(args.http_listen).await?;
+    println!("HTTP {}", http.local_addr()?);
+    tokio::spawn(tollgate_ratelimit::metrics::serve(
+        http,
+        Arc::clone(&metrics),
+    ));
+
     let listener = TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     println!("LISTENING {addr}");
     tracing::info!(%addr, counters = backend, "tollgate-ratelimit serving RLS v3");
-    let service = RlsService::new(Arc::new(store), shared);
+    let service = RlsService::new(store, shared).with_metrics(metrics);
     tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(RateLimitServiceServer::new(service))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
