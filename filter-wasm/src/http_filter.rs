@@ -112,6 +112,21 @@ fn header_text(bytes: Option<Vec<u8>>) -> Option<String> {
     bytes.and_then(|b| String::from_utf8(b).ok())
 }
 
+/// A value tollgate-authz put in the dynamic metadata for this request.
+fn authz_metadata(host: &impl Host, key: &str) -> Option<Vec<u8>> {
+    host.property(&[
+        "metadata",
+        "filter_metadata",
+        metadata::AUTHZ_NAMESPACE,
+        key,
+    ])
+}
+
+/// The key's model allowlist; missing metadata allows nothing.
+fn key_allowlist(host: &impl Host) -> Vec<tollgate_core::model_pattern::ModelPattern> {
+    model_gate::allowlist(header_text(authz_metadata(host, metadata::MODELS)).as_deref())
+}
+
 fn request_id(host: &impl Host) -> String {
     host.property(&["request", "id"])
         .map(|id| String::from_utf8_lossy(&id).into_owned())
@@ -274,30 +289,15 @@ impl Stream {
             }
         };
         if let Some(model) = translated.model() {
-            let allow = model_gate::allowlist(
-                header_text(host.property(&[
-                    "metadata",
-                    "filter_metadata",
-                    metadata::AUTHZ_NAMESPACE,
-                    metadata::MODELS,
-                ]))
-                .as_deref(),
-            );
+            let allow = key_allowlist(host);
             if let Err(r) = model_gate::check(model, &allow, served, config.discovery.is_some()) {
                 self.failed = true;
                 send_error(host, r.status, r.code, r.message);
                 return Action::Pause;
             }
             host.set_property(metadata::FILTER_STATE_MODEL, model);
-            let opted_in = host
-                .property(&[
-                    "metadata",
-                    "filter_metadata",
-                    metadata::AUTHZ_NAMESPACE,
-                    metadata::PROMPT_LOG,
-                ])
-                .as_deref()
-                == Some(b"1".as_slice());
+            let opted_in =
+                authz_metadata(host, metadata::PROMPT_LOG).as_deref() == Some(b"1".as_slice());
             if opted_in && !body.is_empty() {
                 let end = body.len().min(PROMPT_LOG_MAX);
                 host.set_property(
@@ -442,15 +442,7 @@ impl Stream {
                     if !*too_large && transcoder.finish_into(collected).is_err() {
                         *too_large = true;
                     }
-                    let allow = model_gate::allowlist(
-                        header_text(host.property(&[
-                            "metadata",
-                            "filter_metadata",
-                            metadata::AUTHZ_NAMESPACE,
-                            metadata::MODELS,
-                        ]))
-                        .as_deref(),
-                    );
+                    let allow = key_allowlist(host);
                     self.out = if *too_large {
                         br#"{"object":"list","data":[]}"#.to_vec()
                     } else {
