@@ -666,7 +666,6 @@ fn every_manifest_document_parses_and_names_itself() {
         "Service",
         "PodDisruptionBudget",
         "AuthorizationPolicy",
-        "WasmPlugin",
         "EnvoyFilter",
         "IstioOperator",
     ] {
@@ -1125,24 +1124,68 @@ fn istio_ext_authz_provider_points_at_the_authz_service_and_fails_closed() {
     );
 }
 
-fn patch<'a>(filter: &'a Doc, apply_to: &str) -> &'a Value {
+/// Every `apply_to` patch of an EnvoyFilter, each checked to act on the gateway only.
+fn patches<'a>(filter: &'a Doc, apply_to: &str) -> Vec<&'a Value> {
     let found: Vec<&Value> = seq(&filter.value["spec"]["configPatches"], "configPatches")
         .iter()
         .filter(|p| p["applyTo"] == apply_to)
         .collect();
+    for p in &found {
+        assert_eq!(
+            p["match"]["context"],
+            "GATEWAY",
+            "{}: {apply_to}",
+            filter.at()
+        );
+    }
+    found
+}
+
+fn patch<'a>(filter: &'a Doc, apply_to: &str) -> &'a Value {
+    let found = patches(filter, apply_to);
     assert_eq!(
         found.len(),
         1,
         "{}: expected one {apply_to} patch",
         filter.at()
     );
+    found[0]
+}
+
+/// The HTTP_FILTER patch that inserts the filter called `name`.
+fn http_filter_patch<'a>(filter: &'a Doc, name: &str) -> &'a Value {
+    let found: Vec<&Value> = patches(filter, "HTTP_FILTER")
+        .into_iter()
+        .filter(|p| p["patch"]["value"]["name"] == name)
+        .collect();
     assert_eq!(
-        found[0]["match"]["context"],
-        "GATEWAY",
-        "{}: {apply_to}",
+        found.len(),
+        1,
+        "{}: expected one HTTP_FILTER patch inserting {name}",
         filter.at()
     );
     found[0]
+}
+
+/// Applies the EnvoyFilter's HTTP_FILTER patches, in their order, to `chain` (filter names),
+/// the way Istio does: an INSERT_* whose subFilter is not in the chain does nothing.
+fn apply_http_filter_patches(filter: &Doc, mut chain: Vec<String>) -> Vec<String> {
+    for p in patches(filter, "HTTP_FILTER") {
+        let name = str_of(&p["patch"]["value"]["name"], "inserted filter").to_string();
+        let sub = p["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"].as_str();
+        let at = sub.and_then(|s| chain.iter().position(|f| f == s));
+        match (str_of(&p["patch"]["operation"], "operation"), at) {
+            ("INSERT_BEFORE", Some(i)) => chain.insert(i, name),
+            ("INSERT_AFTER", Some(i)) => chain.insert(i + 1, name),
+            ("INSERT_FIRST", _) => chain.insert(0, name),
+            ("ADD", _) => chain.push(name),
+            (op, _) => panic!(
+                "{}: {op} of {name} matches nothing in {chain:?}",
+                filter.at()
+            ),
+        }
+    }
+    chain
 }
 
 #[test]
@@ -1154,7 +1197,7 @@ fn istio_envoy_filter_inserts_the_fail_closed_ratelimit_before_the_router_with_t
     let ef = the(&docs, "EnvoyFilter", "tollgate");
 
     // 1. The filter, before the router, identical to the template's but for its cluster.
-    let p = patch(ef, "HTTP_FILTER");
+    let p = http_filter_patch(ef, CHAIN[2]);
     assert_eq!(p["patch"]["operation"], "INSERT_BEFORE");
     let chain = &p["match"]["listener"]["filterChain"]["filter"];
     assert_eq!(
@@ -1225,53 +1268,174 @@ fn istio_envoy_filter_inserts_the_fail_closed_ratelimit_before_the_router_with_t
     );
 }
 
+/// The EXTENSION_CONFIG (ECDS) patch of the EnvoyFilter: tollgate-filter's Envoy Wasm config.
+fn istio_wasm_extension(ef: &Doc) -> &Value {
+    let p = patch(ef, "EXTENSION_CONFIG");
+    assert_eq!(p["patch"]["operation"], "ADD", "{}", ef.at());
+    &p["patch"]["value"]
+}
+
 #[test]
-fn istio_wasm_plugin_runs_after_ext_authz_and_never_fails_open() {
+fn istio_envoy_filter_inserts_tollgate_filter_after_ext_authz_with_the_template_wasm_config() {
     let docs = manifests();
+    // One integration per gateway: a WasmPlugin cannot set allow_on_headers_stop_iteration,
+    // and a second copy of the filter would parse and count every request twice.
+    assert!(
+        of_kind(&docs, "WasmPlugin").is_empty(),
+        "the filter is delivered by the EnvoyFilter, not a WasmPlugin"
+    );
+    let ef = the(&docs, "EnvoyFilter", "tollgate");
+    let ext = istio_wasm_extension(ef);
+    let name = str_of(&ext["name"], "extension name");
+
+    // In the chain: right after the CUSTOM policy's ext_authz, through ECDS with that name.
+    let p = http_filter_patch(ef, name);
+    assert_eq!(p["patch"]["operation"], "INSERT_AFTER");
+    let chain = &p["match"]["listener"]["filterChain"]["filter"];
+    assert_eq!(
+        chain["name"],
+        "envoy.filters.network.http_connection_manager"
+    );
+    assert_eq!(chain["subFilter"]["name"], CHAIN[0]);
+    let discovery = &p["patch"]["value"]["config_discovery"];
+    assert_eq!(
+        discovery["type_urls"],
+        Value::Sequence(vec![Value::from(
+            "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+        )])
+    );
+    assert!(
+        discovery["config_source"]["ads"].is_mapping(),
+        "from istiod"
+    );
+    assert!(
+        p["patch"]["value"]["typed_config"].is_null(),
+        "the config comes from the extension, not inline"
+    );
+    // What Istio builds for the gateway (CUSTOM ext_authz first, its own filters, router
+    // last), then these patches: the order must come out as the template's.
+    let istio_chain: Vec<String> = [
+        CHAIN[0],
+        "istio.metadata_exchange",
+        "envoy.filters.http.rbac",
+        "istio.stats",
+        CHAIN[3],
+    ]
+    .map(String::from)
+    .to_vec();
+    let patched = apply_http_filter_patches(ef, istio_chain);
+    let ours: Vec<&str> = patched
+        .iter()
+        .map(String::as_str)
+        .filter(|f| [CHAIN[0], name, CHAIN[2], CHAIN[3]].contains(f))
+        .collect();
+    assert_eq!(ours, [CHAIN[0], name, CHAIN[2], CHAIN[3]], "{patched:?}");
+    assert_eq!(
+        patched.iter().position(|f| f == name),
+        Some(1),
+        "tollgate-filter runs right after ext_authz: {patched:?}"
+    );
+
+    // The Wasm config: the local template's, but for where the code comes from and the
+    // filter's JSON configuration.
     let local = local_config();
     let local_wasm = http_filter(hcm(&listeners(&local)[0]), CHAIN[1]);
-    let wp = the(&docs, "WasmPlugin", "tollgate-filter");
-    let spec = &wp.value["spec"];
-    // Istio appends the CUSTOM ext_authz filter before every WasmPlugin phase and the
-    // EnvoyFilter puts ratelimit right before the router: STATS, the last phase before
-    // Istio's stats filters, runs after every Istio authorization decision.
-    assert_eq!(spec["phase"], "STATS");
-    assert_eq!(spec["failStrategy"], "FAIL_RELOAD");
-    assert_eq!(spec["type"], "HTTP");
-    assert_eq!(spec["pluginName"], local_wasm["config"]["root_id"]);
-    let url = str_of(&spec["url"], "url");
-    assert!(url.starts_with(&format!("oci://{REGISTRY}")), "{url}");
-    let blocked: Vec<&str> = seq(&spec["pluginConfig"]["blocked_paths"], "blocked_paths")
-        .iter()
-        .map(|v| str_of(v, "path"))
-        .collect();
-    for p in [
-        "/api/pull",
-        "/api/push",
-        "/api/create",
-        "/api/copy",
-        "/api/delete",
-    ] {
-        assert!(blocked.contains(&p), "{p} is not blocked");
+    let typed = &ext["typed_config"];
+    assert_eq!(
+        typed["config"]["allow_on_headers_stop_iteration"],
+        Value::Bool(true)
+    );
+    assert_eq!(typed["config"]["failure_policy"], "FAIL_RELOAD");
+    let (mut ours, mut theirs) = (typed.clone(), local_wasm.clone());
+    for v in [&mut ours, &mut theirs] {
+        v["config"]["vm_config"]["code"] = Value::Null;
+        v["config"]["configuration"]["value"] = Value::Null;
     }
-    assert!(seq(&spec["pluginConfig"]["blocked_prefixes"], "prefixes")
-        .contains(&Value::from("/api/blobs/")));
+    assert_eq!(
+        ours, theirs,
+        "EnvoyFilter Wasm config differs from envoy/tollgate.yaml.tmpl"
+    );
+
+    // The filter's JSON configuration is one tollgate-filter accepts (unknown fields are
+    // refused there), and it keeps the default blocks.
+    let json = str_of(
+        &typed["config"]["configuration"]["value"],
+        "filter configuration",
+    );
+    let parsed = tollgate_filter::config::Config::from_json(json.as_bytes())
+        .unwrap_or_else(|e| panic!("{}: {e}", ef.at()));
+    for path in tollgate_filter::config::DEFAULT_BLOCKED_PATHS {
+        assert!(
+            parsed.blocklist.paths().iter().any(|p| p == path),
+            "{path} is not blocked"
+        );
+    }
+    assert!(parsed
+        .blocklist
+        .prefixes()
+        .iter()
+        .any(|p| p == "/api/blobs"));
+
+    // The module: pulled by the Istio agent from the registry, pinned by a checksum.
+    let remote = &typed["config"]["vm_config"]["code"]["remote"];
+    let uri = str_of(&remote["http_uri"]["uri"], "module uri");
+    assert!(uri.starts_with(&format!("oci://{REGISTRY}")), "{uri}");
+    assert!(!str_of(&remote["http_uri"]["cluster"], "cluster").is_empty());
+    assert!(remote["http_uri"]["timeout"].is_string(), "fetch timeout");
+    let sha = str_of(&remote["sha256"], "sha256");
+    assert!(
+        !sha.is_empty() && sha != "nil",
+        "an unpinned module would be loaded unchecked"
+    );
+    // docs/DEPLOYMENT.md builds that image and writes its digest over the placeholder.
+    let doc = read("docs/DEPLOYMENT.md");
+    let image = uri.trim_start_matches("oci://");
+    assert!(
+        doc.contains(&format!("-t {image} ")) && doc.contains(&format!("docker push {image}")),
+        "docs/DEPLOYMENT.md must build and push {image}"
+    );
+    assert!(
+        doc.split("```")
+            .any(|b| b.contains(sha) && b.contains("envoy/istio/envoy-filter.yaml")),
+        "docs/DEPLOYMENT.md must replace sha256 {sha} in envoy/istio/envoy-filter.yaml"
+    );
+
+    // Envoy 1.40 accepts the config once the agent has swapped in a local file.
+    let mut config = local.clone();
+    let filters = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["http_filters"]
+        .as_sequence_mut()
+        .expect("http_filters");
+    let wasm = filters
+        .iter_mut()
+        .find(|f| f["name"] == CHAIN[1])
+        .expect("wasm filter");
+    let mut swapped = typed.clone();
+    swapped["config"]["vm_config"]["code"] = yaml(
+        &format!("local: {{filename: \"{}\"}}", wasm_path()),
+        "local code",
+    );
+    wasm["typed_config"] = swapped;
+    let dir = temp_dir("istio-wasm");
+    let file = dir.join("istio-wasm.yaml");
+    std::fs::write(
+        &file,
+        serde_yaml::to_string(&config).unwrap_or_else(|e| panic!("{e}")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    validate(&file);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn istio_resources_act_on_the_same_gateway_pods_from_one_namespace() {
     let docs = manifests();
-    let ns = the(&docs, "WasmPlugin", "tollgate-filter").namespace();
-    // The four Tollgate resources and the Gateway act on the same gateway pods; a selector
+    let ns = the(&docs, "EnvoyFilter", "tollgate").namespace();
+    // The three Tollgate resources and the Gateway act on the same gateway pods; a selector
     // policy applies only in its own namespace.
     let gateway_labels = labels(&the(&docs, "Gateway", "tollgate").value["spec"]["selector"]);
     assert!(!gateway_labels.is_empty());
     for (kind, name, sel) in [
-        (
-            "WasmPlugin",
-            "tollgate-filter",
-            &["spec", "selector", "matchLabels"][..],
-        ),
         (
             "AuthorizationPolicy",
             "tollgate-authz",
