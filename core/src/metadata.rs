@@ -24,7 +24,9 @@ pub const KEY_BUDGET_MONTH: &str = "key_budget_month";
 pub const TENANT_BUDGET_MONTH: &str = "tenant_budget_month";
 /// `"1"` when the key's tenant opted in to prompt logging.
 pub const PROMPT_LOG: &str = "prompt_log";
-/// Max concurrent requests of a key (string of a number).
+/// Max concurrent requests of a key, shaped like the other limits
+/// (`{requests_per_unit: <n>, unit: "MINUTE"}`) because Envoy only passes a descriptor
+/// limit override in that shape; the unit means nothing for a concurrency limit.
 pub const KEY_MAX_CONCURRENT: &str = "key_max_concurrent";
 
 /// Descriptor entry marking a token counter (TPM, budgets) and what this call does to it:
@@ -35,6 +37,13 @@ pub const DESCRIPTOR_PHASE: &str = "tollgate_phase";
 pub const PHASE_TOKENS: &str = "tokens";
 pub const PHASE_TOKENS_EXTRA: &str = "tokens_extra";
 pub const PHASE_TOKENS_REFUND: &str = "tokens_refund";
+
+/// Concurrency: `lease` (at admission) takes one of the key's `key_max_concurrent` slots
+/// under the request id, `release` (at stream end) gives it back. A lease also expires on
+/// its own (tollgate-ratelimit `--lease-ttl-ms`), so a stream whose release never comes
+/// (Envoy crashed, the admission call was cancelled) cannot hold its slot for ever.
+pub const PHASE_LEASE: &str = "lease";
+pub const PHASE_RELEASE: &str = "release";
 
 /// Descriptor entry carrying `x-request-id`, so the RLS can put it in its error body.
 /// It identifies the request, not the limit, and is never part of a counter key.

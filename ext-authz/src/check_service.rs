@@ -119,7 +119,8 @@ pub fn identity_metadata(id: &Identity) -> Struct {
         fields.insert(PROMPT_LOG.into(), string_value("1"));
     }
     if let Some(n) = id.policy.key_limits.max_concurrent {
-        fields.insert(KEY_MAX_CONCURRENT.into(), string_value(&n.to_string()));
+        // The unit is required by Envoy's override shape and ignored for concurrency.
+        fields.insert(KEY_MAX_CONCURRENT.into(), limit_value(n.into(), "MINUTE"));
     }
     Struct { fields }
 }
@@ -335,10 +336,7 @@ mod tests {
         assert_eq!(limit(&md["tenant_rpm"]), (100.0, "MINUTE".into()));
         assert_eq!(limit(&md["tenant_tpm"]), (5000.0, "MINUTE".into()));
         assert_eq!(limit(&md["key_budget_day"]), (10_000.0, "DAY".into()));
-        assert_eq!(
-            md["key_max_concurrent"].kind,
-            Some(Kind::StringValue("2".into()))
-        );
+        assert_eq!(limit(&md["key_max_concurrent"]), (2.0, "MINUTE".into()));
         assert!(!md.contains_key("key_tpm"));
         let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
             panic!("ok response expected")

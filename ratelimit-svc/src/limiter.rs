@@ -8,6 +8,7 @@ use crate::counter_store::{redis_keys, CounterStore, Hit, HitMode, StoreError};
 use crate::descriptor_config::Config;
 use crate::gcra::Verdict;
 use crate::limit_policy::Limit;
+use std::time::Duration;
 
 /// A descriptor as the limiter sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,7 +24,22 @@ pub struct Descriptor<'a> {
     pub debit: bool,
     /// A token counter (TPM or budget) rather than a request counter.
     pub tokens: bool,
+    /// A concurrency limit (`tollgate_phase` `lease` or `release`) rather than a rate.
+    pub lease: Option<Lease<'a>>,
 }
+
+/// What a concurrency descriptor does with the slot of its request id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease<'a> {
+    /// At admission: take a slot (an empty id is denied).
+    Acquire(&'a str),
+    /// At stream end: give it back.
+    Release(&'a str),
+}
+
+/// How long a lease is held when its release never comes: longer than any stream can
+/// last (Envoy's route timeout and stream idle timeout are 300 s).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -79,15 +95,25 @@ fn resolve<'c>(config: &'c Config, domain: &str, d: &Descriptor<'_>) -> Option<R
     })
 }
 
+/// `lease_ttl` bounds how long a concurrency slot is held without its release.
 pub async fn decide<S: CounterStore>(
     store: &S,
     config: &Config,
     domain: &str,
     descriptors: &[Descriptor<'_>],
+    lease_ttl: Duration,
 ) -> Result<Decision, StoreError> {
     let mut resolved: Vec<Option<Resolved<'_>>> = descriptors
         .iter()
-        .map(|d| resolve(config, domain, d))
+        .map(|d| {
+            let r = resolve(config, domain, d);
+            // A slot cannot be held "in shadow": a shadow concurrency limit is not counted.
+            if d.lease.is_some() {
+                r.filter(|r| !r.shadow)
+            } else {
+                r
+            }
+        })
         .collect();
     // `replaces`: a limit named in another matched limit's `replaces` is not checked.
     // Unlimited rules replace too, as in envoyproxy/ratelimit.
@@ -116,6 +142,22 @@ pub async fn decide<S: CounterStore>(
         else {
             continue;
         };
+        if let Some(lease) = d.lease {
+            let mode = match lease {
+                Lease::Acquire(id) => HitMode::Acquire {
+                    id: id.to_string(),
+                    ttl: lease_ttl,
+                },
+                Lease::Release(id) => HitMode::Release { id: id.to_string() },
+            };
+            hits.push(Hit {
+                key: redis_keys::lease_key(domain, &d.entries),
+                limit: *limit,
+                hits: 1,
+                mode,
+            });
+            continue;
+        }
         hits.push(Hit {
             key: redis_keys::counter_key(domain, &d.entries, limit),
             limit: *limit,

@@ -8,7 +8,7 @@ use crate::counter_store::{CounterStore, StoreError};
 use crate::descriptor_config::Config;
 use crate::gcra::{Nanos, Verdict};
 use crate::limit_policy::{Limit, Unit};
-use crate::limiter::{self, Decision, Descriptor, Outcome};
+use crate::limiter::{self, Decision, Descriptor, Lease, Outcome};
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
@@ -19,7 +19,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tollgate_core::{error_body, metadata};
 use tonic::{Request, Response, Status};
 
@@ -34,6 +34,7 @@ pub struct RlsService<S> {
     last_error_log: AtomicU64,
     shadow_over_limit: AtomicU64,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    lease_ttl: Duration,
 }
 
 impl<S: CounterStore> RlsService<S> {
@@ -44,7 +45,14 @@ impl<S: CounterStore> RlsService<S> {
             last_error_log: AtomicU64::new(0),
             shadow_over_limit: AtomicU64::new(0),
             metrics: None,
+            lease_ttl: limiter::DEFAULT_LEASE_TTL,
         }
+    }
+
+    /// How long a concurrency slot is held when its release never comes.
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
     }
 
     /// Counts every decision in `metrics` (served on the HTTP side port).
@@ -67,11 +75,18 @@ pub fn parse_descriptor(
     let mut request_id = None;
     let mut entries = Vec::with_capacity(d.entries.len());
     let (mut tokens, mut debit, mut phase_refund) = (false, false, false);
+    let mut lease_phase = None;
     for e in &d.entries {
         // The request id identifies the request, not the limit: never matched, never
         // part of a counter key.
         if e.key == metadata::DESCRIPTOR_REQUEST_ID {
             request_id = Some(e.value.as_str());
+        } else if e.key == metadata::DESCRIPTOR_PHASE
+            && (e.value == metadata::PHASE_LEASE || e.value == metadata::PHASE_RELEASE)
+        {
+            // Lease and release address one lease set.
+            lease_phase = Some(e.value == metadata::PHASE_LEASE);
+            entries.push((e.key.as_str(), metadata::PHASE_LEASE));
         } else if e.key == metadata::DESCRIPTOR_PHASE {
             // Admission, extra debit and refund all address one token counter.
             tokens = true;
@@ -94,6 +109,15 @@ pub fn parse_descriptor(
         None if request_hits > 0 => u64::from(request_hits),
         None => 1,
     };
+    // The slot is held under the request id; without one the lease is denied.
+    let lease = lease_phase.map(|acquire| {
+        let id = request_id.unwrap_or("");
+        if acquire {
+            Lease::Acquire(id)
+        } else {
+            Lease::Release(id)
+        }
+    });
     let descriptor = Descriptor {
         entries,
         limit_override,
@@ -101,6 +125,7 @@ pub fn parse_descriptor(
         refund: d.is_negative_hits || phase_refund,
         debit,
         tokens,
+        lease,
     };
     (descriptor, request_id)
 }
@@ -128,8 +153,13 @@ pub fn openai_duration(n: Nanos) -> String {
     }
 }
 
-fn status_for(outcome: &Outcome) -> DescriptorStatus {
+fn status_for(outcome: &Outcome, counts: Counts) -> DescriptorStatus {
     match outcome {
+        // Not a rate: no limit or reset for Envoy's x-ratelimit-* headers.
+        Outcome::Counted { verdict: v, .. } if counts == Counts::Concurrency => DescriptorStatus {
+            code: if v.allowed { Code::Ok } else { Code::OverLimit } as i32,
+            ..Default::default()
+        },
         Outcome::NotLimited => DescriptorStatus {
             code: Code::Ok as i32,
             ..Default::default()
@@ -171,6 +201,8 @@ fn status_for(outcome: &Outcome) -> DescriptorStatus {
 pub enum Counts {
     Requests,
     Tokens,
+    /// Concurrent requests (leases).
+    Concurrency,
 }
 
 /// Token limits over a day or longer are budgets; shorter ones are rates (TPM).
@@ -186,21 +218,31 @@ fn refusal(counts: Counts, limit: &Limit) -> (&'static str, &'static str) {
         Counts::Requests => ("rate_limited", "request rate limit reached"),
         Counts::Tokens if is_budget(limit) => ("budget_exceeded", "token budget used up"),
         Counts::Tokens => ("tokens_exhausted", "token rate limit reached"),
+        Counts::Concurrency => (
+            "too_many_concurrent",
+            "too many concurrent requests for this key",
+        ),
     }
 }
 
 /// Builds Envoy's answer from a decision; `counts` says, per descriptor, what it counts.
 pub fn response_for(decision: &Decision, counts: &[Counts], request_id: &str) -> RateLimitResponse {
-    let statuses = decision.outcomes.iter().map(status_for).collect();
+    let kinds = || {
+        counts
+            .iter()
+            .copied()
+            .chain(std::iter::repeat(Counts::Requests))
+    };
+    let statuses = decision
+        .outcomes
+        .iter()
+        .zip(kinds())
+        .map(|(o, c)| status_for(o, c))
+        .collect();
     let enforced = decision
         .outcomes
         .iter()
-        .zip(
-            counts
-                .iter()
-                .copied()
-                .chain(std::iter::repeat(Counts::Requests)),
-        )
+        .zip(kinds())
         .filter_map(|(o, c)| match o {
             Outcome::Counted {
                 limit,
@@ -222,6 +264,7 @@ pub fn response_for(decision: &Decision, counts: &[Counts], request_id: &str) ->
             Counts::Requests => &mut tightest_requests,
             Counts::Tokens if is_budget(&limit) => continue,
             Counts::Tokens => &mut tightest_tokens,
+            Counts::Concurrency => continue,
         };
         if slot.is_none_or(|(_, t)| v.remaining < t.remaining) {
             *slot = Some((limit, v));
@@ -275,11 +318,13 @@ pub fn response_for(decision: &Decision, counts: &[Counts], request_id: &str) ->
     response
 }
 
-/// Decides one request: parse, limit, count, answer.
+/// Decides one request: parse, limit, count, answer. `lease_ttl` bounds how long a
+/// concurrency slot is held without its release.
 pub async fn decide<S: CounterStore>(
     store: &S,
     config: &Config,
     req: &RateLimitRequest,
+    lease_ttl: Duration,
 ) -> Result<(RateLimitResponse, Decision), StoreError> {
     let mut request_id = "";
     let descriptors: Vec<Descriptor<'_>> = req
@@ -293,11 +338,13 @@ pub async fn decide<S: CounterStore>(
             descriptor
         })
         .collect();
-    let decision = limiter::decide(store, config, &req.domain, &descriptors).await?;
+    let decision = limiter::decide(store, config, &req.domain, &descriptors, lease_ttl).await?;
     let counts: Vec<Counts> = descriptors
         .iter()
         .map(|d| {
-            if d.tokens {
+            if d.lease.is_some() {
+                Counts::Concurrency
+            } else if d.tokens {
                 Counts::Tokens
             } else {
                 Counts::Requests
@@ -316,7 +363,7 @@ impl<S: CounterStore> RateLimitService for RlsService<S> {
         let req = request.into_inner();
         let config = self.config.current();
         let started = std::time::Instant::now();
-        let result = decide(&*self.store, &config, &req).await;
+        let result = decide(&*self.store, &config, &req, self.lease_ttl).await;
         if let Some(m) = &self.metrics {
             let label = match &result {
                 Ok((_, d)) if d.over_limit => "over_limit",
@@ -373,6 +420,8 @@ mod tests {
         Entry, RateLimitOverride,
     };
 
+    const TTL: Duration = limiter::DEFAULT_LEASE_TTL;
+
     fn entry(k: &str, v: &str) -> Entry {
         Entry {
             key: k.into(),
@@ -416,7 +465,7 @@ mod tests {
             let req = request(vec![d]);
             let store = &store;
             let config = &config;
-            async move { decide(store, config, &req).await.unwrap().0 }
+            async move { decide(store, config, &req, TTL).await.unwrap().0 }
         };
         // 100 tokens per minute; a 60-token reservation is admitted.
         let r = decide_one(tokens("tokens", 100, 2, 60)).await;
@@ -457,12 +506,81 @@ mod tests {
         );
     }
 
+    /// A concurrency descriptor of `phase` for key `k1` and request `rid`, at most `n`.
+    fn lease(phase: &str, rid: &str, n: u32) -> RateLimitDescriptor {
+        RateLimitDescriptor {
+            entries: vec![
+                entry("key_id", "k1"),
+                entry("tollgate_phase", phase),
+                entry("request_id", rid),
+            ],
+            limit: Some(RateLimitOverride {
+                requests_per_unit: n,
+                unit: 2,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_hold_slots_until_released() {
+        let store = MemoryStore::new();
+        let config = Config::default();
+        let decide_one = |d: RateLimitDescriptor| {
+            let req = request(vec![d]);
+            let store = &store;
+            let config = &config;
+            async move { decide(store, config, &req, TTL).await.unwrap().0 }
+        };
+        for rid in ["r1", "r2"] {
+            let r = decide_one(lease("lease", rid, 2)).await;
+            assert_eq!(r.overall_code, OK);
+            assert!(
+                r.statuses[0].current_limit.is_none(),
+                "not a rate: no x-ratelimit-* limit"
+            );
+        }
+        let r = decide_one(lease("lease", "r3", 2)).await;
+        assert_eq!(r.overall_code, OVER);
+        let body: serde_json::Value = serde_json::from_slice(&r.raw_body).unwrap();
+        assert_eq!(body["error"]["code"], "too_many_concurrent");
+        assert_eq!(body["error"]["request_id"], "r3");
+        assert_eq!(header_value(&r, "retry-after").as_deref(), Some("1"));
+        assert_eq!(
+            header_value(&r, "x-ratelimit-limit-requests"),
+            None,
+            "concurrency is not a request rate"
+        );
+        // The denied request's release (Envoy sends it at stream end) frees nothing.
+        assert_eq!(decide_one(lease("release", "r3", 2)).await.overall_code, OK);
+        assert_eq!(decide_one(lease("lease", "r4", 2)).await.overall_code, OVER);
+        // r1 ends: its slot is free, once.
+        decide_one(lease("release", "r1", 2)).await;
+        decide_one(lease("release", "r1", 2)).await;
+        assert_eq!(decide_one(lease("lease", "r4", 2)).await.overall_code, OK);
+        assert_eq!(decide_one(lease("lease", "r5", 2)).await.overall_code, OVER);
+        // A request id that already holds a slot cannot take a second one.
+        decide_one(lease("release", "r2", 2)).await;
+        assert_eq!(decide_one(lease("lease", "r4", 2)).await.overall_code, OVER);
+    }
+
+    #[tokio::test]
+    async fn a_lease_without_a_request_id_is_denied() {
+        let store = MemoryStore::new();
+        let mut d = lease("lease", "x", 5);
+        d.entries.pop();
+        let (r, _) = decide(&store, &Config::default(), &request(vec![d]), TTL)
+            .await
+            .unwrap();
+        assert_eq!(r.overall_code, OVER);
+    }
+
     #[tokio::test]
     async fn a_daily_token_limit_is_a_budget() {
         let store = MemoryStore::new();
         let config = Config::default();
         let req = request(vec![tokens("tokens", 50, 4, 60)]);
-        let (r, _) = decide(&store, &config, &req).await.unwrap();
+        let (r, _) = decide(&store, &config, &req, TTL).await.unwrap();
         let body: serde_json::Value = serde_json::from_slice(&r.raw_body).unwrap();
         assert_eq!(body["error"]["code"], "budget_exceeded");
         assert_eq!(
@@ -492,7 +610,7 @@ mod tests {
         config: &Config,
         req: &RateLimitRequest,
     ) -> RateLimitResponse {
-        decide(store, config, req).await.unwrap().0
+        decide(store, config, req, TTL).await.unwrap().0
     }
 
     const OK: i32 = Code::Ok as i32;

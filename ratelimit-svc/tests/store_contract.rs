@@ -275,6 +275,173 @@ async fn a_repeated_key_sees_the_earlier_hits<S: CounterStore>(s: &S, ns: &str) 
     assert!(!v[0].allowed && !v[1].allowed);
 }
 
+/// A lease set with Tollgate's layout; the same `id` shares the slot of its counters.
+fn lease_set(ns: &str, id: &str) -> String {
+    let id = format!("{ns}-{id}");
+    redis_keys::lease_key("contract", &[("key_id", &id), ("tollgate_phase", "lease")])
+}
+
+fn acquire(set: &str, max: u32, rid: &str, ttl: Duration) -> Hit {
+    let mode = HitMode::Acquire {
+        id: rid.to_string(),
+        ttl,
+    };
+    hit(set, limit(max, Unit::Minute), 1, mode)
+}
+
+fn release(set: &str, max: u32, rid: &str) -> Hit {
+    let mode = HitMode::Release {
+        id: rid.to_string(),
+    };
+    hit(set, limit(max, Unit::Minute), 1, mode)
+}
+
+const LONG: Duration = Duration::from_secs(600);
+
+async fn leases_hold_slots_until_released<S: CounterStore>(s: &S, ns: &str) {
+    let set = lease_set(ns, "slots");
+    let a = one(s, acquire(&set, 2, "r1", LONG)).await;
+    assert!(a.allowed);
+    assert_eq!(a.remaining, 1);
+    assert!(one(s, acquire(&set, 2, "r2", LONG)).await.allowed);
+    let full = one(s, acquire(&set, 2, "r3", LONG)).await;
+    assert!(!full.allowed);
+    assert_eq!(full.remaining, 0);
+    assert_eq!(full.retry_after, 1_000_000_000);
+    let r = one(s, release(&set, 2, "r1")).await;
+    assert!(r.allowed);
+    assert_eq!(r.remaining, 1);
+    assert!(one(s, acquire(&set, 2, "r3", LONG)).await.allowed);
+    // A lower maximum applies to the slots already held (the set names no limit).
+    assert!(!one(s, acquire(&set, 1, "r4", LONG)).await.allowed);
+    let ttl = s
+        .expires_in(&set)
+        .await
+        .unwrap()
+        .expect("a lease set expires");
+    assert!(
+        // Redis rounds the expiry up to the next millisecond.
+        ttl <= LONG + Duration::from_millis(1) && ttl > LONG - Duration::from_secs(5),
+        "{ttl:?}"
+    );
+    one(s, release(&set, 2, "r2")).await;
+    one(s, release(&set, 2, "r3")).await;
+    assert_eq!(
+        s.expires_in(&set).await.unwrap(),
+        None,
+        "an empty set is dropped"
+    );
+}
+
+async fn releases_are_idempotent<S: CounterStore>(s: &S, ns: &str) {
+    let set = lease_set(ns, "idem");
+    // A release of a slot never taken (the request was denied) changes nothing.
+    let r = one(s, release(&set, 1, "never")).await;
+    assert!(r.allowed);
+    assert_eq!(r.remaining, 1);
+    assert_eq!(s.expires_in(&set).await.unwrap(), None);
+    assert!(one(s, acquire(&set, 1, "r1", LONG)).await.allowed);
+    one(s, release(&set, 1, "r1")).await;
+    assert_eq!(one(s, release(&set, 1, "r1")).await.remaining, 1);
+    assert!(one(s, acquire(&set, 1, "r2", LONG)).await.allowed);
+    // Releasing r1 again does not free r2's slot.
+    one(s, release(&set, 1, "r1")).await;
+    assert!(!one(s, acquire(&set, 1, "r3", LONG)).await.allowed);
+    one(s, release(&set, 1, "r2")).await;
+}
+
+async fn a_request_id_holds_at_most_one_slot<S: CounterStore>(s: &S, ns: &str) {
+    let set = lease_set(ns, "dup");
+    assert!(one(s, acquire(&set, 5, "same", LONG)).await.allowed);
+    let dup = one(s, acquire(&set, 5, "same", LONG)).await;
+    assert!(!dup.allowed, "two streams must not share one slot");
+    assert_eq!(dup.remaining, 4);
+    assert!(
+        !one(s, acquire(&set, 5, "", LONG)).await.allowed,
+        "no id, no slot"
+    );
+    one(s, release(&set, 5, "same")).await;
+    assert_eq!(s.expires_in(&set).await.unwrap(), None);
+}
+
+async fn leases_expire_without_a_release<S: CounterStore>(s: &S, ns: &str) {
+    let set = lease_set(ns, "expiry");
+    let short = Duration::from_millis(150);
+    assert!(one(s, acquire(&set, 1, "crashed", short)).await.allowed);
+    assert!(!one(s, acquire(&set, 1, "next", short)).await.allowed);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        one(s, acquire(&set, 1, "next", LONG)).await.allowed,
+        "an expired lease still holds its slot"
+    );
+    one(s, release(&set, 1, "next")).await;
+}
+
+async fn leases_and_rates_are_one_atomic_decision<S: CounterStore>(s: &S, ns: &str) {
+    let set = lease_set(ns, "atomic");
+    let rpm = limit(1, Unit::Minute);
+    let rate = key(ns, "atomic", "", &rpm);
+    // Admitted: both the slot and the rate are taken.
+    let v = s
+        .hit_batch(&[
+            hit(&rate, rpm, 1, HitMode::Enforce),
+            acquire(&set, 5, "r1", LONG),
+        ])
+        .await
+        .unwrap();
+    assert!(v[0].allowed && v[1].allowed);
+    // The rate denies: no slot is taken.
+    let v = s
+        .hit_batch(&[
+            hit(&rate, rpm, 1, HitMode::Enforce),
+            acquire(&set, 5, "r2", LONG),
+        ])
+        .await
+        .unwrap();
+    assert!(!v[0].allowed);
+    assert_eq!(one(s, release(&set, 5, "none")).await.remaining, 4);
+    // The slot denies: no rate is consumed.
+    let roomy = limit(10, Unit::Minute);
+    let rate2 = key(ns, "atomic", "roomy", &roomy);
+    let v = s
+        .hit_batch(&[
+            hit(&rate2, roomy, 1, HitMode::Enforce),
+            acquire(&set, 1, "r3", LONG),
+        ])
+        .await
+        .unwrap();
+    assert!(v[0].allowed && !v[1].allowed);
+    assert_eq!(
+        one(s, hit(&rate2, roomy, 0, HitMode::Enforce))
+            .await
+            .remaining,
+        10
+    );
+    one(s, release(&set, 5, "r1")).await;
+}
+
+async fn concurrent_leases_never_exceed_the_maximum<S: CounterStore>(s: &Arc<S>, ns: &str) {
+    let set = lease_set(ns, "race");
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let s = Arc::clone(s);
+            let h = acquire(&set, 7, &format!("r{i}"), LONG);
+            tokio::spawn(async move { s.hit_batch(&[h]).await.expect("store")[0].allowed })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += usize::from(t.await.expect("task"));
+    }
+    assert_eq!(admitted, 7);
+    for i in 0..100 {
+        s.hit_batch(&[release(&set, 7, &format!("r{i}"))])
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.expires_in(&set).await.unwrap(), None);
+}
+
 /// The whole suite; `ns` keeps keys of different runs apart.
 async fn contract<S: CounterStore>(store: Arc<S>, ns: &str) {
     let s = &*store;
@@ -289,6 +456,12 @@ async fn contract<S: CounterStore>(store: Arc<S>, ns: &str) {
     a_denied_batch_consumes_nothing(s, ns).await;
     shadow_hits_count_but_never_deny(s, ns).await;
     a_repeated_key_sees_the_earlier_hits(s, ns).await;
+    leases_hold_slots_until_released(s, ns).await;
+    releases_are_idempotent(s, ns).await;
+    a_request_id_holds_at_most_one_slot(s, ns).await;
+    leases_expire_without_a_release(s, ns).await;
+    leases_and_rates_are_one_atomic_decision(s, ns).await;
+    concurrent_leases_never_exceed_the_maximum(&store, ns).await;
 }
 
 const TIMEOUT: Duration = Duration::from_millis(500);
@@ -307,15 +480,19 @@ async fn redis_store_meets_the_contract() {
     contract(Arc::new(store), "redis").await;
 
     // One round trip per decision: a fresh store sends nothing but EVALSHA, one per batch
-    // (GET/SET/DEL/TIME run inside the script; INFO is this test's own probe).
+    // (GET/SET/DEL/TIME and the lease set's Z* commands run inside the script; INFO is
+    // this test's own probe).
     let store = RedisStore::connect(&redis.url(), TIMEOUT).await.unwrap();
     let l = limit(100, Unit::Minute);
-    let batch = [
-        hit(&key("trips", "k", "", &l), l, 1, HitMode::Enforce),
-        hit(&key("trips", "t", "", &l), l, 1, HitMode::Enforce),
-    ];
+    let set = lease_set("trips", "k");
     let before = client_calls(redis.port);
-    for _ in 0..20 {
+    for i in 0..20 {
+        let rid = format!("r{i}");
+        let batch = [
+            hit(&key("trips", "k", "", &l), l, 1, HitMode::Enforce),
+            hit(&key("trips", "t", "", &l), l, 1, HitMode::Enforce),
+            acquire(&set, 100, &rid, LONG),
+        ];
         store.hit_batch(&batch).await.unwrap();
     }
     let after = client_calls(redis.port);
@@ -327,7 +504,8 @@ async fn redis_store_meets_the_contract() {
         let delta = n - before.get(cmd).copied().unwrap_or(0);
         match cmd.as_str() {
             "evalsha" => assert_eq!(delta, 20),
-            "get" | "set" | "del" | "time" | "info" => {}
+            "get" | "set" | "del" | "time" | "info" | "zremrangebyscore" | "zcard" | "zscore"
+            | "zadd" | "zrange" | "pexpireat" => {}
             other => assert_eq!(delta, 0, "unexpected {other} calls"),
         }
     }

@@ -51,6 +51,16 @@ struct Args {
     #[arg(long, env = "TOLLGATE_PROFILE", default_value = "casual")]
     profile: String,
 
+    /// How long a concurrency slot (`tollgate_phase=lease`) is held when its release never
+    /// comes (Envoy crashed, the admission call was cancelled), in milliseconds. Keep it
+    /// longer than any stream can last (route timeout, stream idle timeout: 300 s).
+    #[arg(
+        long,
+        env = "TOLLGATE_RATELIMIT_LEASE_TTL_MS",
+        default_value_t = 600_000
+    )]
+    lease_ttl_ms: u64,
+
     /// Plain-HTTP address for /metrics, /healthz and /readyz (printed as `HTTP <addr>`).
     #[arg(
         long,
@@ -184,7 +194,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     println!("LISTENING {addr}");
     tracing::info!(%addr, counters = backend, "tollgate-ratelimit serving RLS v3");
-    let service = RlsService::new(store, shared).with_metrics(metrics);
+    let service = RlsService::new(store, shared)
+        .with_metrics(metrics)
+        .with_lease_ttl(Duration::from_millis(args.lease_ttl_ms.max(1)));
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(RateLimitServiceServer::new(service))

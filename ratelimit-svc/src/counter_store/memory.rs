@@ -1,8 +1,9 @@
-//! In-memory GCRA counters, sharded so concurrent decisions on different keys do not
-//! contend on one lock. A batch locks its shards in index order (no deadlock between two
-//! batches) and is applied atomically. Expired counters are swept as a shard grows.
+//! In-memory GCRA counters and lease sets, sharded so concurrent decisions on different
+//! keys do not contend on one lock. A batch locks its shards in index order (no deadlock
+//! between two batches) and is applied atomically. Expired counters and leases are swept
+//! as a shard grows.
 
-use super::{decide_batch, CounterStore, Hit, StoreError};
+use super::{decide_batch, CounterStore, Hit, LeaseWrite, StoreError, StoredState};
 use crate::gcra::{Nanos, Verdict};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -16,6 +17,8 @@ const SWEEP_AT: usize = 4_096;
 #[derive(Debug)]
 struct Shard {
     tats: HashMap<String, Nanos>,
+    /// Lease key → request id → expiry.
+    leases: HashMap<String, HashMap<String, Nanos>>,
     sweep_at: usize,
 }
 
@@ -44,6 +47,7 @@ impl MemoryStore {
                 .map(|_| {
                     Mutex::new(Shard {
                         tats: HashMap::new(),
+                        leases: HashMap::new(),
                         sweep_at: SWEEP_AT,
                     })
                 })
@@ -86,9 +90,60 @@ impl MemoryStore {
                 .map(|p| idx[p])
                 .unwrap_or(0)
         };
-        let (verdicts, writes) = decide_batch(hits, now, |key| {
-            guards[pos_of(key)].1.tats.get(key).copied().unwrap_or(0)
-        });
+        struct Locked<'g, 's, F> {
+            guards: &'g mut [(usize, MutexGuard<'s, Shard>)],
+            pos_of: F,
+            now: Nanos,
+        }
+        impl<F: Fn(&str) -> usize> StoredState for Locked<'_, '_, F> {
+            fn tat(&mut self, key: &str) -> Nanos {
+                let shard = &self.guards[(self.pos_of)(key)].1;
+                shard.tats.get(key).copied().unwrap_or(0)
+            }
+            fn leases(&mut self, key: &str, id: &str) -> (u32, bool) {
+                let now = self.now;
+                let shard = &mut self.guards[(self.pos_of)(key)].1;
+                match shard.leases.get_mut(key) {
+                    Some(set) => {
+                        set.retain(|_, expires| *expires > now);
+                        let n = u32::try_from(set.len()).unwrap_or(u32::MAX);
+                        (n, set.contains_key(id))
+                    }
+                    None => (0, false),
+                }
+            }
+        }
+        let mut state = Locked {
+            guards: &mut guards,
+            pos_of,
+            now,
+        };
+        let (verdicts, writes, lease_writes) = decide_batch(hits, now, &mut state);
+        for w in lease_writes {
+            match w {
+                LeaseWrite::Add { key, id, expires } => {
+                    let shard = &mut guards[pos_of(key)].1;
+                    match shard.leases.get_mut(key) {
+                        Some(set) => {
+                            set.insert(id.to_string(), expires);
+                        }
+                        None => {
+                            let set = HashMap::from([(id.to_string(), expires)]);
+                            shard.leases.insert(key.to_string(), set);
+                        }
+                    }
+                }
+                LeaseWrite::Remove { key, id } => {
+                    let shard = &mut guards[pos_of(key)].1;
+                    if let Some(set) = shard.leases.get_mut(key) {
+                        set.remove(id);
+                        if set.is_empty() {
+                            shard.leases.remove(key);
+                        }
+                    }
+                }
+            }
+        }
         for (key, tat) in writes {
             let shard = &mut guards[pos_of(key)].1;
             if tat > now {
@@ -104,16 +159,26 @@ impl MemoryStore {
             }
         }
         for (_, shard) in guards.iter_mut() {
-            if shard.tats.len() >= shard.sweep_at {
+            if shard.tats.len() + shard.leases.len() >= shard.sweep_at {
                 shard.tats.retain(|_, t| *t > now);
-                shard.sweep_at = (shard.tats.len() * 2).max(SWEEP_AT);
+                shard.leases.retain(|_, set| {
+                    set.retain(|_, expires| *expires > now);
+                    !set.is_empty()
+                });
+                shard.sweep_at = ((shard.tats.len() + shard.leases.len()) * 2).max(SWEEP_AT);
             }
         }
         verdicts
     }
 
+    /// Counters and lease sets held (expired ones may linger until a sweep).
     pub fn len(&self) -> usize {
-        (0..SHARDS).map(|i| self.lock(i).tats.len()).sum()
+        (0..SHARDS)
+            .map(|i| {
+                let s = self.lock(i);
+                s.tats.len() + s.leases.len()
+            })
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -128,8 +193,15 @@ impl CounterStore for MemoryStore {
 
     async fn expires_in(&self, key: &str) -> Result<Option<Duration>, StoreError> {
         let now = self.now();
-        let tat = self.lock(shard_of(key)).tats.get(key).copied();
-        Ok(tat
+        let shard = self.lock(shard_of(key));
+        // A lease set lives as long as its longest lease.
+        let until = shard.tats.get(key).copied().or_else(|| {
+            shard
+                .leases
+                .get(key)
+                .and_then(|set| set.values().copied().max())
+        });
+        Ok(until
             .filter(|t| *t > now)
             .map(|t| Duration::from_nanos(t - now)))
     }

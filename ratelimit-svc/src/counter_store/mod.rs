@@ -15,7 +15,7 @@ use std::future::Future;
 use std::time::Duration;
 
 /// How a hit treats its counter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HitMode {
     /// Admit or deny; a denial denies the whole request.
     Enforce,
@@ -25,6 +25,15 @@ pub enum HitMode {
     Refund,
     /// Consumes `hits` even past the limit; never denies (tokens already used).
     Debit,
+    /// Concurrency: holds one of `limit.requests_per_unit` slots under `id` (the request
+    /// id) until released or until `ttl` has passed. Denied when every slot is held, or
+    /// when `id` is empty or already holds a slot (a duplicate request id must not share
+    /// one slot between two streams). `hits` is ignored; `key` is a
+    /// [`redis_keys::lease_key`].
+    Acquire { id: String, ttl: Duration },
+    /// Gives the slot held under `id` back. Idempotent: releasing a slot that was never
+    /// taken (the request was denied) or already expired changes nothing. Never denies.
+    Release { id: String },
 }
 
 /// One counter update of a rate-limit request.
@@ -63,9 +72,11 @@ pub enum StoreError {
 /// Atomicity: the memory store and single-node Redis apply a batch atomically. Redis
 /// Cluster is atomic per hash slot only (see `redis.rs`).
 ///
-/// A later TPM or budget counter fits as is: a GCRA whose `requests_per_unit` is tokens
-/// and whose `hits` is the token count; a reservation is an `Enforce` hit of the estimate
-/// at request time, the correction a `Refund` (or a further hit) at stream end.
+/// TPM and budget counters are GCRAs whose `requests_per_unit` is tokens and whose
+/// `hits` is the token count; a reservation is an `Enforce` hit of the estimate at request
+/// time, the correction a `Refund` or `Debit` at stream end. Concurrency limits are lease
+/// sets (`Acquire`/`Release`), decided in the same atomic batch: a request denied by a
+/// rate takes no slot, and a request denied a slot consumes no rate.
 pub trait CounterStore: Send + Sync + 'static {
     /// One verdict per hit, in order.
     fn hit_batch(
@@ -104,13 +115,39 @@ impl CounterStore for AnyStore {
     }
 }
 
-/// The batch semantics above over any source of stored TATs: returns the verdicts and
-/// the TATs to write back (only changed ones). `gcra.lua` is the same algorithm in Lua.
+/// A store's state as a batch reads it.
+pub(crate) trait StoredState {
+    /// The stored TAT of a counter (0 when there is none).
+    fn tat(&mut self, key: &str) -> Nanos;
+    /// Live (unexpired) leases under a lease key, and whether `id` holds one of them.
+    fn leases(&mut self, key: &str, id: &str) -> (u32, bool);
+}
+
+/// What a batch does to a lease set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LeaseWrite<'a> {
+    Add {
+        key: &'a str,
+        id: &'a str,
+        expires: Nanos,
+    },
+    Remove {
+        key: &'a str,
+        id: &'a str,
+    },
+}
+
+/// A denied lease is retried soon: slots free whenever a stream ends.
+pub const LEASE_RETRY_AFTER: Nanos = 1_000_000_000;
+
+/// The batch semantics above over a store's state: returns the
+/// verdicts, the TATs to write back (only changed ones) and the lease changes. `gcra.lua`
+/// is the same algorithm in Lua.
 pub(crate) fn decide_batch<'a>(
     hits: &'a [Hit],
     now: Nanos,
-    mut stored_tat: impl FnMut(&str) -> Nanos,
-) -> (Vec<Verdict>, Vec<(&'a str, Nanos)>) {
+    stored: &mut impl StoredState,
+) -> (Vec<Verdict>, Vec<(&'a str, Nanos)>, Vec<LeaseWrite<'a>>) {
     struct Counter<'a> {
         key: &'a str,
         stored: Nanos,
@@ -119,15 +156,83 @@ pub(crate) fn decide_batch<'a>(
         /// With only the refunds applied, kept in case the request is denied.
         refunds: Nanos,
     }
+    /// One lease set as this batch changes it.
+    struct Slots<'a> {
+        key: &'a str,
+        live: u32,
+        /// Ids this batch touched: (id, held before the batch, held now).
+        ids: Vec<(&'a str, bool, bool)>,
+        ttl: Nanos,
+    }
     let mut counters: Vec<Counter<'a>> = Vec::with_capacity(hits.len());
+    let mut slots: Vec<Slots<'a>> = Vec::new();
     let mut verdicts = Vec::with_capacity(hits.len());
     let mut denied = false;
     for h in hits {
+        if let HitMode::Acquire { id, .. } | HitMode::Release { id } = &h.mode {
+            let i = match slots.iter().position(|s| s.key == h.key) {
+                Some(i) => i,
+                None => {
+                    slots.push(Slots {
+                        key: &h.key,
+                        live: stored.leases(&h.key, id).0,
+                        ids: Vec::new(),
+                        ttl: 0,
+                    });
+                    slots.len() - 1
+                }
+            };
+            let s = &mut slots[i];
+            let j = match s.ids.iter().position(|(x, _, _)| *x == id.as_str()) {
+                Some(j) => j,
+                None => {
+                    let held = !id.is_empty() && stored.leases(&h.key, id).1;
+                    s.ids.push((id, held, held));
+                    s.ids.len() - 1
+                }
+            };
+            let per = h.limit.requests_per_unit;
+            let held = s.ids[j].2;
+            match &h.mode {
+                HitMode::Acquire { ttl, .. } => {
+                    if id.is_empty() || held || s.live >= per {
+                        denied = true;
+                        verdicts.push(Verdict {
+                            allowed: false,
+                            remaining: per.saturating_sub(s.live),
+                            reset_after: 0,
+                            retry_after: LEASE_RETRY_AFTER,
+                        });
+                    } else {
+                        s.live += 1;
+                        s.ids[j].2 = true;
+                        s.ttl = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
+                        verdicts.push(Verdict {
+                            allowed: true,
+                            remaining: per - s.live,
+                            ..Verdict::default()
+                        });
+                    }
+                }
+                _ => {
+                    if held {
+                        s.live -= 1;
+                        s.ids[j].2 = false;
+                    }
+                    verdicts.push(Verdict {
+                        allowed: true,
+                        remaining: per.saturating_sub(s.live),
+                        ..Verdict::default()
+                    });
+                }
+            }
+            continue;
+        }
         // Batches hold a handful of hits: a linear search beats hashing.
         let i = match counters.iter().position(|c| c.key == h.key) {
             Some(i) => i,
             None => {
-                let t = stored_tat(&h.key);
+                let t = stored.tat(&h.key);
                 counters.push(Counter {
                     key: &h.key,
                     stored: t,
@@ -152,7 +257,7 @@ pub(crate) fn decide_batch<'a>(
                 c.refunds = gcra::debit(&h.limit, c.refunds, now, h.hits).1;
                 verdicts.push(v);
             }
-            HitMode::Enforce | HitMode::Shadow => {
+            _ => {
                 let (v, t) = gcra::decide(&h.limit, c.all, now, h.hits);
                 if v.allowed && h.hits > 0 {
                     c.all = t;
@@ -171,5 +276,20 @@ pub(crate) fn decide_batch<'a>(
             (t != c.stored).then_some((c.key, t))
         })
         .collect();
-    (verdicts, writes)
+    // Releases always land (like refunds); new leases only when the request is admitted.
+    let mut lease_writes = Vec::new();
+    for s in slots {
+        for (id, before, after) in s.ids {
+            match (before, after) {
+                (false, true) if !denied => lease_writes.push(LeaseWrite::Add {
+                    key: s.key,
+                    id,
+                    expires: now.saturating_add(s.ttl),
+                }),
+                (true, false) => lease_writes.push(LeaseWrite::Remove { key: s.key, id }),
+                _ => {}
+            }
+        }
+    }
+    (verdicts, writes, lease_writes)
 }

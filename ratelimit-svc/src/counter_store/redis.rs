@@ -1,4 +1,5 @@
-//! Redis counters: GCRA in a Lua script (`lua/gcra.lua`), loaded once at start-up with
+//! Redis counters: GCRA and concurrency leases (a sorted set of request ids scored by
+//! expiry) in a Lua script (`lua/gcra.lua`), loaded once at start-up with
 //! `SCRIPT LOAD` and run with `EVALSHA` (loaded again on `NOSCRIPT`, e.g. after a Redis
 //! restart). One decision is one round trip: every hit of a request goes into one script
 //! call, using Redis server time.
@@ -215,18 +216,21 @@ async fn run_script<C: ConnectionLike>(
     for h in hits {
         cmd.arg(&h.key);
     }
+    let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     for h in hits {
-        let period_us = u64::try_from(h.limit.unit.period().as_micros()).unwrap_or(u64::MAX);
-        let mode = match h.mode {
-            HitMode::Enforce => "e",
-            HitMode::Shadow => "s",
-            HitMode::Refund => "r",
-            HitMode::Debit => "d",
+        let period_us = micros(h.limit.unit.period());
+        let per = h.limit.requests_per_unit;
+        let hits = h.hits.min(MAX_HITS);
+        // Leases put the lease TTL where a counter has its period and the request id
+        // where it has its hits (see `gcra.lua`).
+        match &h.mode {
+            HitMode::Enforce => cmd.arg(period_us).arg(per).arg(hits).arg("e"),
+            HitMode::Shadow => cmd.arg(period_us).arg(per).arg(hits).arg("s"),
+            HitMode::Refund => cmd.arg(period_us).arg(per).arg(hits).arg("r"),
+            HitMode::Debit => cmd.arg(period_us).arg(per).arg(hits).arg("d"),
+            HitMode::Acquire { id, ttl } => cmd.arg(micros(*ttl)).arg(per).arg(id).arg("l"),
+            HitMode::Release { id } => cmd.arg(0).arg(per).arg(id).arg("u"),
         };
-        cmd.arg(period_us)
-            .arg(h.limit.requests_per_unit)
-            .arg(h.hits.min(MAX_HITS))
-            .arg(mode);
     }
     let reply: Vec<i64> = match cmd.query_async(conn).await {
         Err(e) if e.code() == Some("NOSCRIPT") => {

@@ -5,6 +5,7 @@
 //! tg:{<domain>|<key1>=<value1>}|<key2>=<value2>…:<requests_per_unit>/<unit>
 //! tg:{tollgate|key_id=k1}:60/minute
 //! tg:{tollgate|key_id=k1}|phase=tokens_used:100000/minute
+//! tg:{tollgate|key_id=k1}|tollgate_phase=lease:lease      (a lease set, see lease_key)
 //! ```
 //!
 //! The `{hash tag}` is the domain and the descriptor's *first* entry, which in Tollgate's
@@ -44,6 +45,21 @@ fn push_entry(out: &mut String, key: &str, value: &str) {
 
 /// The counter key of a descriptor (`entries` without the request id) under `limit`.
 pub fn counter_key(domain: &str, entries: &[(&str, &str)], limit: &Limit) -> String {
+    let mut key = descriptor_key(domain, entries);
+    let _ = write!(key, ":{}/{}", limit.requests_per_unit, limit.unit.name());
+    key
+}
+
+/// The lease set of a concurrency descriptor (`entries` without the request id, phase
+/// `lease`). Unlike a counter key it does not name the limit: a changed maximum applies
+/// to the leases already held instead of starting an empty set.
+pub fn lease_key(domain: &str, entries: &[(&str, &str)]) -> String {
+    let mut key = descriptor_key(domain, entries);
+    key.push_str(":lease");
+    key
+}
+
+fn descriptor_key(domain: &str, entries: &[(&str, &str)]) -> String {
     let len: usize = entries.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
     let mut key = String::with_capacity(PREFIX.len() + domain.len() + len + 24);
     key.push_str(PREFIX);
@@ -59,7 +75,6 @@ pub fn counter_key(domain: &str, entries: &[(&str, &str)], limit: &Limit) -> Str
         key.push('|');
         push_entry(&mut key, k, v);
     }
-    let _ = write!(key, ":{}/{}", limit.requests_per_unit, limit.unit.name());
     key
 }
 
@@ -117,6 +132,16 @@ mod tests {
         assert_eq!(
             slot(&k),
             ::redis::cluster_routing::Slot::for_key("{d|a=%7Dx%7B}")
+        );
+    }
+
+    #[test]
+    fn a_lease_set_shares_the_slot_and_names_no_limit() {
+        let k = lease_key("tollgate", &[("key_id", "k1"), ("tollgate_phase", "lease")]);
+        assert_eq!(k, "tg:{tollgate|key_id=k1}|tollgate_phase=lease:lease");
+        assert_eq!(
+            slot(&k),
+            slot(&counter_key("tollgate", &[("key_id", "k1")], &RPM))
         );
     }
 
