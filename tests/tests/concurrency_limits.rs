@@ -244,3 +244,138 @@ fn a_stream_cut_by_an_envoy_crash_frees_its_slot_when_the_lease_expires() {
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+fn remaining_tokens(r: &http::Response) -> i64 {
+    r.header("x-ratelimit-remaining-tokens")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no x-ratelimit-remaining-tokens: {:?}", r.headers))
+}
+
+/// A key of tenant `acme` with `tpm` tokens per minute.
+fn key_with_tpm(stack: &Stack, tpm: u32) -> String {
+    let (id, key) = stack.create_key("acme", None).unwrap();
+    stack
+        .admin(&["policy", "set", "--key", &id, "--tpm", &tpm.to_string()])
+        .unwrap();
+    key
+}
+
+#[test]
+fn fifty_concurrent_streams_against_a_small_tpm_admit_only_the_reservations_that_fit() {
+    const TPM: i64 = 300;
+    // Tokens flow back at TPM per minute: 5 per second.
+    const REFILL_PER_SEC: f64 = TPM as f64 / 60.0;
+    // Each stream really uses 12 tokens (10 chunks, 2 prompt tokens).
+    const USED: i64 = 12;
+    let redis = Redis::start().unwrap_or_else(|e| panic!("redis did not start: {e}"));
+    let stack = start(StackOptions {
+        ratelimit_args: vec!["--redis-url".into(), redis.url()],
+        ..Default::default()
+    });
+    let port = stack.envoy_port;
+    // The reservation of one such request, measured on a key of its own.
+    let probe = chat(port, &key_with_tpm(&stack, TPM as u32), 10, 0, 20);
+    assert_streamed(&probe);
+    let reservation = TPM - remaining_tokens(&probe);
+    assert!(
+        reservation > USED && reservation * 3 < TPM,
+        "reservation {reservation}"
+    );
+    stack.clear_mock_requests().unwrap();
+
+    let key = key_with_tpm(&stack, TPM as u32);
+    let started = Instant::now();
+    let go = std::sync::Arc::new(std::sync::Barrier::new(50));
+    let streams: Vec<_> = (0..50)
+        .map(|_| {
+            let (key, go) = (key.clone(), std::sync::Arc::clone(&go));
+            // ~2 s each: every admitted stream is still in flight when the last is decided.
+            std::thread::spawn(move || {
+                go.wait();
+                chat(port, &key, 10, 200, 20)
+            })
+        })
+        .collect();
+    let results: Vec<http::Response> = streams.into_iter().map(|t| t.join().unwrap()).collect();
+    let burst = started.elapsed().as_secs_f64();
+    let admitted = results.iter().filter(|r| r.status == 200).count() as i64;
+    for r in results.iter().filter(|r| r.status != 200) {
+        assert_eq!(
+            (r.status, code(r)),
+            (429, "tokens_exhausted".to_string()),
+            "{}",
+            r.text()
+        );
+    }
+    for r in results.iter().filter(|r| r.status == 200) {
+        assert_streamed(r);
+    }
+    // Admission charges each stream's whole reservation, so the streams in flight together
+    // hold at most the limit (plus what flowed back during the burst): no stream is admitted
+    // on tokens another in-flight stream has reserved.
+    let fits = TPM / reservation;
+    let fits_with_refill = (TPM as f64 + burst * REFILL_PER_SEC) as i64 / reservation;
+    assert!(
+        (fits..=fits_with_refill).contains(&admitted),
+        "admitted {admitted} streams of {reservation} reserved tokens under {TPM} TPM \
+         (fits {fits}, {fits_with_refill} with the refill of {burst:.1}s)"
+    );
+    assert_eq!(
+        streamed_chats(&stack),
+        admitted as usize,
+        "a refused stream reached the model server"
+    );
+
+    // At stream end every reservation was reconciled with the real count: the counter now
+    // holds admitted × 12 tokens, not admitted × the reservation.
+    std::thread::sleep(Duration::from_millis(300));
+    let after = chat(port, &key, 10, 0, 20);
+    assert_streamed(&after);
+    let elapsed = started.elapsed().as_secs_f64();
+    let counted = TPM - reservation - remaining_tokens(&after);
+    let flowed_back = (elapsed * REFILL_PER_SEC).ceil() as i64 + 1;
+    assert!(
+        (admitted * USED - flowed_back..=admitted * USED).contains(&counted),
+        "the counter holds {counted} tokens for {admitted} streams of {USED} \
+         (up to {flowed_back} flowed back in {elapsed:.1}s)"
+    );
+}
+
+#[test]
+fn keys_of_one_tenant_share_the_tenant_rpm() {
+    let stack = start(StackOptions::default());
+    let (_, k1) = stack.create_key("acme", None).unwrap();
+    let (_, k2) = stack.create_key("acme", None).unwrap();
+    let (_, other) = stack.create_key("globex", None).unwrap();
+    stack
+        .admin(&["policy", "set", "--tenant", "acme", "--rpm", "5"])
+        .unwrap();
+    let port = stack.envoy_port;
+    // Alternating keys: five requests between them, then both are refused.
+    let mut admitted = 0;
+    for i in 0..10 {
+        let key = if i % 2 == 0 { &k1 } else { &k2 };
+        let r = chat(port, key, 1, 0, 20);
+        match r.status {
+            200 => admitted += 1,
+            _ => assert_eq!(
+                (r.status, code(&r)),
+                (429, "rate_limited".to_string()),
+                "{}",
+                r.text()
+            ),
+        }
+    }
+    assert_eq!(admitted, 5, "the tenant's 5 RPM across two keys");
+    for key in [&k1, &k2] {
+        let r = chat(port, key, 1, 0, 20);
+        assert_eq!((r.status, code(&r)), (429, "rate_limited".to_string()));
+        assert!(r.header("retry-after").is_some());
+        assert_eq!(r.header("x-ratelimit-limit-requests"), Some("5"));
+    }
+    assert_eq!(streamed_chats(&stack), 5);
+    // Another tenant's key is not limited by acme's RPM.
+    for _ in 0..7 {
+        assert_streamed(&chat(port, &other, 1, 0, 20));
+    }
+}
