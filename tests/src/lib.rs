@@ -7,4 +7,5 @@ pub mod paths;
 pub mod postgres;
 pub mod process;
 pub mod redis;
+pub mod service_flags;
 pub mod stack;

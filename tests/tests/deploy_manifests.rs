@@ -933,6 +933,146 @@ fn database_redis_and_provider_credentials_come_from_secret_references() {
     );
 }
 
+/// Environment variables the services read directly rather than through a flag.
+const NON_FLAG_ENV: [&str; 2] = ["RUST_LOG", "TOLLGATE_LOG_FORMAT"];
+
+/// The port of a `host:port` value.
+fn port_of(addr: &str, what: &str) -> u64 {
+    addr.rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: {addr} has no port"))
+}
+
+/// A service runs on its own, in memory or on SQLite, with its listeners on free ports;
+/// answers `paths` (each 200) on the HTTP listener it prints.
+fn assert_serves(binary: &str, extra: &[&str], paths: &[&str]) {
+    let dir = temp_dir(binary);
+    let mut cmd = Command::new(paths::binary(binary));
+    cmd.args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args(extra)
+        .env_remove("TOLLGATE_PROFILE");
+    let mut p =
+        tollgate_e2e::process::Proc::spawn(binary, cmd, &dir).unwrap_or_else(|e| panic!("{e}"));
+    let addr = p
+        .wait_for_line("HTTP ", std::time::Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let port = u16::try_from(port_of(&addr, binary)).unwrap_or_else(|e| panic!("{e}"));
+    for path in paths {
+        // /readyz turns 200 once the first store check has run.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let status = tollgate_e2e::http::get(port, path, &[]).map(|r| r.status);
+            if status == Ok(200) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{binary} {path}: {status:?}; {}",
+                p.failure("did not answer 200")
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    p.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn service_probes_and_ports_match_what_the_binaries_serve() {
+    let docs = manifests();
+    for binary in ["tollgate-authz", "tollgate-ratelimit"] {
+        let d = the(&docs, "Deployment", binary);
+        let at = d.at();
+        let c = &containers(d)[0];
+        assert_eq!(c["command"][0], binary, "{at}");
+        let flags = tollgate_e2e::service_flags::flags(&paths::binary(binary))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let env: BTreeMap<&str, &Value> = seq(&c["env"], "env")
+            .iter()
+            .map(|e| (str_of(&e["name"], "env name"), &e["value"]))
+            .collect();
+        // Every variable set is one the binary reads: a misspelt one would be ignored.
+        for name in env.keys() {
+            assert!(
+                NON_FLAG_ENV.contains(name)
+                    || flags.iter().any(|f| f.env.as_deref() == Some(*name)),
+                "{at}: {binary} has no flag read from {name} ({flags:?})"
+            );
+        }
+        assert_eq!(
+            env.get("TOLLGATE_PROFILE").and_then(|v| v.as_str()),
+            Some("foundation"),
+            "{at}: production refuses unsafe settings"
+        );
+        // Both listeners keep the binary's default ports, on every interface: the HTTP
+        // one defaults to loopback, which the kubelet cannot reach.
+        let flag = |long: &str| {
+            flags
+                .iter()
+                .find(|f| f.long == long)
+                .unwrap_or_else(|| panic!("{binary} has no {long}"))
+        };
+        let ports = container_ports(c);
+        let mut bound = BTreeMap::new();
+        for long in ["--listen", "--http-listen"] {
+            let f = flag(long);
+            let var = f.env.as_deref().unwrap_or_else(|| panic!("{long}: no env"));
+            let default = f.default.as_deref().unwrap_or_else(|| panic!("{long}"));
+            let value = env
+                .get(var)
+                .and_then(|v| v.as_str())
+                .unwrap_or_else(|| panic!("{at}: {var} is not set ({long} defaults to {default})"));
+            assert_eq!(
+                port_of(value, var),
+                port_of(default, long),
+                "{at}: {var} moves the binary's default port"
+            );
+            assert!(value.starts_with("0.0.0.0:"), "{at}: {var}={value}");
+            bound.insert(long, port_of(value, var));
+        }
+        // Probes ask the HTTP listener: /healthz for alive (and started), /readyz for ready.
+        let http = bound["--http-listen"];
+        for (probe, path) in [
+            ("livenessProbe", "/healthz"),
+            ("readinessProbe", "/readyz"),
+            ("startupProbe", "/healthz"),
+        ] {
+            if probe == "startupProbe" && c[probe].is_null() {
+                continue;
+            }
+            let get = &c[probe]["httpGet"];
+            assert_eq!(get["path"], path, "{at}: {probe}");
+            assert_eq!(
+                resolve_port(&ports, &get["port"]),
+                Some(http),
+                "{at}: {probe} must ask the HTTP listener"
+            );
+        }
+        let annotations = &d.value["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"], "true", "{at}");
+        assert_eq!(
+            u64_of(&annotations["prometheus.io/port"], "prometheus port"),
+            http,
+            "{at}: metrics are on the HTTP listener"
+        );
+        assert_eq!(annotations["prometheus.io/path"], "/metrics", "{at}");
+    }
+    // And the binaries answer those paths.
+    let db = temp_dir("serves-db");
+    let url = format!("sqlite://{}", db.join("tollgate.db").display());
+    assert_serves(
+        "tollgate-authz",
+        &["--database-url", &url],
+        &["/healthz", "/readyz", "/metrics"],
+    );
+    assert_serves(
+        "tollgate-ratelimit",
+        &[],
+        &["/healthz", "/readyz", "/metrics"],
+    );
+    let _ = std::fs::remove_dir_all(&db);
+}
+
 #[test]
 fn services_select_deployments_and_target_their_container_ports() {
     let docs = manifests();

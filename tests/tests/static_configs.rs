@@ -252,3 +252,61 @@ fn docker_compose_matches_the_envoy_config_it_mounts() {
     assert!(read("envoy/envoy.compose.yaml")
         .contains("filename: \"/etc/tollgate/tollgate_filter.wasm\""));
 }
+
+#[test]
+fn compose_healthchecks_ask_the_services_readyz_where_the_binaries_serve_it() {
+    let compose = yaml(&read("docker-compose.yml"));
+    let services = &compose["services"];
+    // The services image has curl (the healthchecks run inside the container).
+    let dockerfile = read("Dockerfile");
+    let services_stage = dockerfile
+        .split("FROM ")
+        .find(|stage| stage.contains(" AS services"))
+        .expect("Dockerfile has a services stage");
+    assert!(
+        services_stage.contains(" curl"),
+        "the services image needs curl"
+    );
+    for binary in ["tollgate-authz", "tollgate-ratelimit"] {
+        let svc = &services[binary];
+        let flags = tollgate_e2e::service_flags::flags(&paths::binary(binary))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let env = svc["environment"].as_mapping().expect("environment");
+        for name in env.keys().filter_map(|k| k.as_str()) {
+            assert!(
+                name == "RUST_LOG" || flags.iter().any(|f| f.env.as_deref() == Some(name)),
+                "{binary}: no flag reads {name}"
+            );
+        }
+        // The HTTP listener: set in the environment, or the binary's default (loopback is
+        // fine, the healthcheck runs in the container).
+        let http = flags
+            .iter()
+            .find(|f| f.long == "--http-listen")
+            .unwrap_or_else(|| panic!("{binary} has no --http-listen"));
+        let var = http.env.as_deref().expect("--http-listen env");
+        let addr = env
+            .get(var)
+            .and_then(|v| v.as_str())
+            .or(http.default.as_deref())
+            .expect("--http-listen default");
+        let port = addr.rsplit(':').next().unwrap_or_default();
+        assert_eq!(
+            svc["healthcheck"]["test"],
+            yaml(&format!(
+                r#"["CMD", "curl", "-fsS", "http://127.0.0.1:{port}/readyz"]"#
+            )),
+            "{binary}: healthy means ready (its store answers)"
+        );
+    }
+    // The rate limiter counts in the redis service it waits for.
+    let rls = &services["tollgate-ratelimit"];
+    let url = rls["environment"]["TOLLGATE_REDIS_URL"]
+        .as_str()
+        .expect("tollgate-ratelimit uses the redis service");
+    assert!(url.starts_with("redis://redis:"), "{url}");
+    assert_eq!(
+        rls["depends_on"]["redis"]["condition"], "service_healthy",
+        "starts once Redis answers"
+    );
+}
