@@ -3,6 +3,8 @@
 //! refuses to start on an unsafe one rather than running half-secured.
 
 use crate::authz_config::FileConfig;
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
+use std::str::FromStr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Profile {
@@ -26,13 +28,14 @@ pub fn check(profile: Profile, database_url: &str, config: &FileConfig) -> Resul
             .push("static keys are not allowed; issue named keys with tollgate-admin".to_string());
     }
     if config.require_database_tls && postgres {
-        let tls = [
-            "sslmode=require",
-            "sslmode=verify-ca",
-            "sslmode=verify-full",
-        ]
-        .iter()
-        .any(|m| database_url.contains(m));
+        // What the key store will do with this URL, parsed the way it parses it (`sslmode`
+        // or `ssl-mode`, else PGSSLMODE, else `prefer`, which falls back to plaintext).
+        let tls = PgConnectOptions::from_str(database_url).is_ok_and(|o| {
+            matches!(
+                o.get_ssl_mode(),
+                PgSslMode::Require | PgSslMode::VerifyCa | PgSslMode::VerifyFull
+            )
+        });
         if !tls {
             problems.push("require_database_tls is set but the database URL has no sslmode=require/verify-ca/verify-full".to_string());
         }
@@ -96,5 +99,35 @@ mod tests {
             &c
         )
         .is_ok());
+    }
+
+    #[test]
+    fn required_database_tls_reads_the_sslmode_the_connection_uses() {
+        let c = FileConfig {
+            require_database_tls: true,
+            ..FileConfig::default()
+        };
+        for url in [
+            "postgres://db/x?sslmode=require",
+            "postgresql://u:p@db:5432/x?ssl-mode=verify-ca&sslrootcert=/ca.pem",
+            "postgres://db/x?application_name=a&sslmode=verify-full",
+        ] {
+            assert!(check(Profile::Foundation, url, &c).is_ok(), "{url}");
+        }
+        for url in [
+            "postgres://db/x?sslmode=disable",
+            "postgres://db/x?sslmode=prefer",
+            "postgres://db/x?sslmode=allow",
+            // The text is there, but not as the sslmode the connection uses.
+            "postgres://db/x?application_name=sslmode=require&sslmode=disable",
+            "postgres://db/x?sslmode=bogus",
+        ] {
+            assert!(
+                check(Profile::Foundation, url, &c)
+                    .unwrap_err()
+                    .contains("sslmode"),
+                "{url}"
+            );
+        }
     }
 }

@@ -931,6 +931,22 @@ fn database_redis_and_provider_credentials_come_from_secret_references() {
         parsed.static_keys.is_empty(),
         "the foundation profile refuses static keys"
     );
+    // The key store speaks TLS: the config demands it, and the database URL that
+    // docs/DEPLOYMENT.md puts into Secret tollgate-postgres passes the foundation profile.
+    assert!(
+        parsed.require_database_tls,
+        "{}: require_database_tls",
+        cm.at()
+    );
+    let doc = read("docs/DEPLOYMENT.md");
+    let url = doc
+        .split("create secret generic tollgate-postgres")
+        .nth(1)
+        .and_then(|rest| rest.split("--from-literal=url='").nth(1))
+        .and_then(|rest| rest.split('\'').next())
+        .expect("docs/DEPLOYMENT.md creates Secret tollgate-postgres with a url");
+    tollgate_authz::profile::check(tollgate_authz::profile::Profile::Foundation, url, &parsed)
+        .unwrap_or_else(|e| panic!("docs/DEPLOYMENT.md's database URL {url}: {e}"));
 }
 
 /// Environment variables the services read directly rather than through a flag.
