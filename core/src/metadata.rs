@@ -44,6 +44,9 @@ pub const PHASE_TOKENS_REFUND: &str = "tokens_refund";
 /// (Envoy crashed, the admission call was cancelled) cannot hold its slot for ever.
 pub const PHASE_LEASE: &str = "lease";
 pub const PHASE_RELEASE: &str = "release";
+/// At stream end: the tokens the stream really used (`hits_addend`), for the budget ledger.
+/// Never counted against a limit.
+pub const PHASE_USAGE: &str = "usage";
 
 /// Descriptor entry carrying `x-request-id`, so the RLS can put it in its error body.
 /// It identifies the request, not the limit, and is never part of a counter key.
@@ -52,6 +55,11 @@ pub const DESCRIPTOR_REQUEST_ID: &str = "request_id";
 /// Headers that tollgate-authz sets for the upstream after removing client copies.
 pub const HEADER_TENANT: &str = "x-tollgate-tenant";
 pub const HEADER_KEY_ID: &str = "x-tollgate-key-id";
+
+/// Request header the filter sets to the backend it picked from the model, so that Envoy's
+/// routes (matching on it) pick the cluster. Envoy strips a client's copy at the edge and the
+/// filter removes it again before deciding: a client can never choose a backend.
+pub const HEADER_BACKEND: &str = "x-tollgate-backend";
 
 /// Filter-state keys the wasm filter sets (Envoy names them `wasm.<key>`): the model the
 /// request used, and the tokens counted from the upstream's usage. Read by the access log

@@ -11,6 +11,9 @@
 //! `upstream` is the API the model server speaks (`openai`, `ollama`, `anthropic`; default
 //! `openai`); `routes` overrides it per Envoy route name. Without `discovery` the served
 //! model set is not checked (only the key's allowlist).
+//!
+//! With `routing` (see `crate::routing` and docs/CONFIGURATION.md) the model picks the
+//! backend and its API instead; `upstream`, `routes` and `discovery` are then refused.
 //! An empty configuration, or an omitted (or `null`) field, means that field's defaults below;
 //! an empty list means "none". Entries are normalised like request paths (see `path_guard`).
 //! Unknown fields are errors, so a typo cannot silently drop a block.
@@ -19,6 +22,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 use crate::path_guard::{BadEntry, Blocklist, EntryKind};
+use crate::routing::{RawRouting, Routing};
 use crate::translate::{RequestOptions, Upstream};
 
 /// Ollama's endpoints that change what the model server holds.
@@ -69,6 +73,8 @@ pub struct Config {
     pub request_options: RequestOptions,
     pub default_reservation_tokens: u64,
     pub discovery: Option<DiscoveryConfig>,
+    /// Model routing over several backends; `None` means one model server.
+    pub routing: Option<Routing>,
 }
 
 /// The JSON shape, before validation.
@@ -83,6 +89,7 @@ struct PluginConfig {
     anthropic_max_tokens: Option<u64>,
     default_reservation_tokens: Option<u64>,
     discovery: Option<DiscoveryConfig>,
+    routing: Option<RawRouting>,
 }
 
 /// Why a configuration was refused.
@@ -129,6 +136,7 @@ impl Default for Config {
             request_options: RequestOptions::default(),
             default_reservation_tokens: DEFAULT_RESERVATION_TOKENS,
             discovery: None,
+            routing: None,
         }
     }
 }
@@ -174,6 +182,22 @@ impl Config {
                 ));
             }
         }
+        let routing = match raw.routing {
+            Some(r) => {
+                if raw.upstream.is_some() || !routes.is_empty() || raw.discovery.is_some() {
+                    return Err(ConfigError::Invalid(
+                        "with routing, each backend names its upstream and discovery; \
+                         drop upstream, routes and discovery"
+                            .into(),
+                    ));
+                }
+                Some(
+                    Routing::from_raw(r)
+                        .map_err(|e| ConfigError::Invalid(format!("routing: {e}")))?,
+                )
+            }
+            None => None,
+        };
         let mut request_options = RequestOptions::default();
         if let Some(n) = raw.anthropic_max_tokens {
             request_options.anthropic_max_tokens = n;
@@ -188,6 +212,7 @@ impl Config {
                 .default_reservation_tokens
                 .unwrap_or(DEFAULT_RESERVATION_TOKENS),
             discovery: raw.discovery,
+            routing,
         })
     }
 

@@ -84,6 +84,35 @@ impl ModelSet {
     }
 }
 
+/// What discovery has learned so far, per source: a backend name under routing, or
+/// [`Served::SINGLE`] for the one model server of a configuration without routing. A source
+/// that never answered is absent, which callers treat as "unknown" (fail closed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Served {
+    sets: std::collections::BTreeMap<String, ModelSet>,
+}
+
+impl Served {
+    pub const SINGLE: &'static str = "";
+
+    pub fn get(&self, source: &str) -> Option<&ModelSet> {
+        self.sets.get(source)
+    }
+
+    /// The set of a configuration without routing.
+    pub fn single(&self) -> Option<&ModelSet> {
+        self.get(Self::SINGLE)
+    }
+
+    pub fn insert(&mut self, source: &str, set: ModelSet) {
+        self.sets.insert(source.to_owned(), set);
+    }
+
+    pub fn knows(&self, source: &str) -> bool {
+        self.sets.contains_key(source)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

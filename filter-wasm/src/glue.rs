@@ -3,6 +3,7 @@
 //! internally are avoided, since a panic kills every stream on the worker.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 
 use crate::config::Config;
-use crate::discovery::ModelSet;
+use crate::discovery::{ModelSet, Served};
 use crate::http_filter::{self, Host, Stream};
 
 proxy_wasm::main! {{
@@ -19,15 +20,26 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
-/// The served model set, shared by the root context (which polls) and every stream.
-type Served = Rc<RefCell<Option<ModelSet>>>;
+/// The served model sets, shared by the root context (which polls) and every stream.
+type SharedServed = Rc<RefCell<Served>>;
+
+/// One list endpoint to poll: the source name it is stored under, cluster, path.
+#[derive(Clone)]
+struct Target {
+    source: String,
+    cluster: String,
+    path: String,
+}
 
 #[derive(Default)]
 struct Root {
     config: Rc<Config>,
-    served: Served,
-    /// A poll is in flight (its token), so ticks do not pile calls up.
-    pending: Option<u32>,
+    served: SharedServed,
+    targets: Vec<Target>,
+    /// Polls in flight (token → target index), so ticks do not pile calls up.
+    pending: BTreeMap<u32, usize>,
+    /// Every target has answered once: ticks slow down to the configured interval.
+    settled: bool,
 }
 
 fn log(level: LogLevel, message: &str) {
@@ -35,32 +47,71 @@ fn log(level: LogLevel, message: &str) {
 }
 
 impl Root {
+    fn discovery_timing(&self) -> Option<(u64, u64)> {
+        if let Some(r) = &self.config.routing {
+            return Some((r.interval_ms, r.timeout_ms));
+        }
+        self.config
+            .discovery
+            .as_ref()
+            .map(|d| (d.interval_ms, d.timeout_ms))
+    }
+
     fn poll(&mut self) {
-        let Some(d) = &self.config.discovery else {
+        let Some((_, timeout_ms)) = self.discovery_timing() else {
             return;
         };
-        if self.pending.is_some() {
-            return;
-        }
-        let headers = vec![
-            (":method", "GET"),
-            (":path", d.path.as_str()),
-            (":authority", d.cluster.as_str()),
-        ];
-        match hostcalls::dispatch_http_call(
-            &d.cluster,
-            headers,
-            None,
-            vec![],
-            Duration::from_millis(d.timeout_ms),
-        ) {
-            Ok(token) => self.pending = Some(token),
-            Err(e) => log(
-                LogLevel::Warn,
-                &format!("tollgate: model discovery call failed: {e:?}"),
-            ),
+        for (i, t) in self.targets.iter().enumerate() {
+            if self.pending.values().any(|&p| p == i) {
+                continue;
+            }
+            let headers = vec![
+                (":method", "GET"),
+                (":path", t.path.as_str()),
+                (":authority", t.cluster.as_str()),
+            ];
+            match hostcalls::dispatch_http_call(
+                &t.cluster,
+                headers,
+                None,
+                vec![],
+                Duration::from_millis(timeout_ms),
+            ) {
+                Ok(token) => {
+                    self.pending.insert(token, i);
+                }
+                Err(e) => log(
+                    LogLevel::Warn,
+                    &format!(
+                        "tollgate: model discovery call to {} failed: {e:?}",
+                        t.cluster
+                    ),
+                ),
+            }
         }
     }
+}
+
+fn targets(config: &Config) -> Vec<Target> {
+    if let Some(r) = &config.routing {
+        return r
+            .discovery_targets()
+            .map(|(source, cluster, path)| Target {
+                source: source.to_owned(),
+                cluster: cluster.to_owned(),
+                path: path.to_owned(),
+            })
+            .collect();
+    }
+    config
+        .discovery
+        .iter()
+        .map(|d| Target {
+            source: Served::SINGLE.to_owned(),
+            cluster: d.cluster.clone(),
+            path: d.path.clone(),
+        })
+        .collect()
 }
 
 impl Context for Root {
@@ -71,10 +122,12 @@ impl Context for Root {
         body_size: usize,
         _trailers: usize,
     ) {
-        if self.pending != Some(token) {
+        let Some(index) = self.pending.remove(&token) else {
             return;
-        }
-        self.pending = None;
+        };
+        let Some(target) = self.targets.get(index).cloned() else {
+            return;
+        };
         let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
             .ok()
             .flatten();
@@ -85,25 +138,42 @@ impl Context for Root {
         if status.as_deref() != Some("200") {
             log(
                 LogLevel::Warn,
-                &format!("tollgate: model discovery got status {status:?}"),
+                &format!(
+                    "tollgate: model discovery from {} got status {status:?}",
+                    target.cluster
+                ),
             );
             return;
         }
         match ModelSet::parse(&body) {
             Ok(set) => {
-                let first = self.served.borrow().is_none();
+                let first = !self.served.borrow().knows(&target.source);
                 if first {
                     log(
                         LogLevel::Info,
-                        &format!("tollgate: {} models served", set.len()),
+                        &format!(
+                            "tollgate: {} models served by {}",
+                            set.len(),
+                            target.cluster
+                        ),
                     );
-                    if let Some(d) = &self.config.discovery {
-                        let _ = hostcalls::set_tick_period(Duration::from_millis(d.interval_ms));
+                }
+                self.served.borrow_mut().insert(&target.source, set);
+                let all = {
+                    let served = self.served.borrow();
+                    self.targets.iter().all(|t| served.knows(&t.source))
+                };
+                if all && !self.settled {
+                    self.settled = true;
+                    if let Some((interval_ms, _)) = self.discovery_timing() {
+                        let _ = hostcalls::set_tick_period(Duration::from_millis(interval_ms));
                     }
                 }
-                *self.served.borrow_mut() = Some(set);
             }
-            Err(e) => log(LogLevel::Warn, &format!("tollgate: model discovery: {e}")),
+            Err(e) => log(
+                LogLevel::Warn,
+                &format!("tollgate: model discovery from {}: {e}", target.cluster),
+            ),
         }
     }
 }
@@ -116,8 +186,9 @@ impl RootContext for Root {
             .unwrap_or_default();
         match Config::from_json(&bytes) {
             Ok(config) => {
-                if config.discovery.is_some() {
-                    // Poll quickly until the first answer, then at the configured interval.
+                self.targets = targets(&config);
+                if !self.targets.is_empty() {
+                    // Poll quickly until every source answered, then at the configured interval.
                     let _ = hostcalls::set_tick_period(Duration::from_millis(200));
                 }
                 self.config = Rc::new(config);
@@ -149,7 +220,7 @@ impl RootContext for Root {
 
 struct StreamContext {
     config: Rc<Config>,
-    served: Served,
+    served: SharedServed,
     stream: Stream,
 }
 
@@ -164,9 +235,10 @@ fn action(a: http_filter::Action) -> Action {
 
 impl HttpContext for StreamContext {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let served = self.served.borrow();
         action(
             self.stream
-                .on_request_headers(&mut Envoy, &self.config, end_of_stream),
+                .on_request_headers(&mut Envoy, &self.config, end_of_stream, &served),
         )
     }
 
@@ -177,7 +249,7 @@ impl HttpContext for StreamContext {
             &self.config,
             body_size,
             end_of_stream,
-            served.as_ref(),
+            &served,
         ))
     }
 

@@ -12,11 +12,15 @@
 use tollgate_core::{error_body, metadata};
 
 use crate::config::Config;
-use crate::discovery::ModelSet;
+use crate::discovery::Served;
 use crate::model_gate;
 use crate::path_guard::{decide, Decision, InvalidPath};
+use crate::request_head::{self, RequestHead};
+use crate::routing::{self, Routing};
 use crate::transcoder::{self, ResponseMeta, ResponseTranscoder};
-use crate::translate::{plan_request, upstream_error, RequestPlan, ResponseKind, ResponsePlan};
+use crate::translate::{
+    plan_request, upstream_error, RequestPlan, ResponseKind, ResponsePlan, Upstream,
+};
 
 /// The host calls the filter logic needs. Reads return `None` when the value is missing or the
 /// host refused the call: the logic decides what that means, never a panic.
@@ -91,6 +95,17 @@ pub struct Stream {
     failed: bool,
     /// Tokens reserved at admission; `Some` only for requests that name a model.
     reserved: Option<u64>,
+    /// The request path, kept while a routed request's body is read.
+    routed_path: Option<String>,
+}
+
+/// How the model of a request was already checked when the request is finished.
+enum Gate<'a> {
+    /// One model server: allowlist and its served set are checked on the translated model.
+    Single(Option<&'a crate::discovery::ModelSet>),
+    /// Routed: checked against the routing table; the model after alias resolution, and
+    /// whether the body passed on is the client's with the model renamed.
+    Routed { target: &'a str, renamed: bool },
 }
 
 impl Default for Stream {
@@ -104,6 +119,7 @@ impl Default for Stream {
             received: 0,
             failed: false,
             reserved: None,
+            routed_path: None,
         }
     }
 }
@@ -148,34 +164,6 @@ fn send_error(host: &mut impl Host, status: u16, code: &str, message: &str) {
     host.send_local_reply(status, &headers, &body);
 }
 
-/// Tokens reserved before the real count is known: the completion budget the client asked
-/// for (`max_tokens`, `max_completion_tokens`, Ollama's `num_predict`) or the configured
-/// default, plus the prompt at about four bytes a token. Over-reserving only delays the
-/// next request until the stream-done debit refunds the difference.
-fn reservation(body: &[u8], default_completion: u64) -> u64 {
-    #[derive(serde::Deserialize)]
-    struct Options {
-        num_predict: Option<i64>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Head {
-        max_tokens: Option<i64>,
-        max_completion_tokens: Option<i64>,
-        options: Option<Options>,
-    }
-    let head: Option<Head> = serde_json::from_slice(body).ok();
-    let asked = head.and_then(|h| {
-        h.max_completion_tokens
-            .or(h.max_tokens)
-            .or(h.options.and_then(|o| o.num_predict))
-    });
-    let completion = match asked {
-        Some(n) if n > 0 => n as u64,
-        _ => default_completion,
-    };
-    completion.saturating_add(body.len() as u64 / 4)
-}
-
 fn is_listing(path: &str) -> bool {
     let bare = path.split(['?', '#']).next().unwrap_or("");
     matches!(bare.trim_end_matches('/'), "/v1/models" | "/api/tags")
@@ -188,6 +176,7 @@ impl Stream {
         host: &mut impl Host,
         config: &Config,
         end_of_stream: bool,
+        served: &Served,
     ) -> Action {
         // A request without a `:path` (plain CONNECT) has nothing to route on here; refuse it
         // rather than guess, since this gateway only serves HTTP APIs.
@@ -203,6 +192,12 @@ impl Stream {
                 return Action::Pause;
             }
             Decision::Invalid(why) => return self.refuse_path(host, why),
+        }
+        if let Some(routing) = &config.routing {
+            // Envoy strips a client's copy at the edge; removing it here too means a config
+            // without that edge rule still never lets the client pick a backend.
+            host.set_request_header(metadata::HEADER_BACKEND, None);
+            return self.routed_headers(host, config, routing, path, end_of_stream, served);
         }
         let route = header_text(host.property(&["xds", "route_name"]));
         let plan = match plan_request(config.upstream_for(route.as_deref()), &path) {
@@ -224,7 +219,130 @@ impl Stream {
         }
         // No body to read (model listings, opaque paths, or a body-less request).
         self.plan = Some(plan);
-        self.finish_request(host, config, &[], None, None)
+        self.finish_request(host, config, &[], None, Gate::Single(served.single()), None)
+    }
+
+    /// Request headers under routing: answer listings from discovery, hold model requests
+    /// until the body names the model, send the rest to the default backend.
+    fn routed_headers(
+        &mut self,
+        host: &mut impl Host,
+        config: &Config,
+        routing: &Routing,
+        path: String,
+        end_of_stream: bool,
+        served: &Served,
+    ) -> Action {
+        if is_listing(&path) {
+            let names = routing.visible_models(&key_allowlist(host), served);
+            let body = listing_body(&path, &names, host.now_secs());
+            host.send_local_reply(200, &[("content-type", "application/json")], &body);
+            return Action::Pause;
+        }
+        // The backend's API is only known from the model; whether a body must be read
+        // depends on the API the client speaks, so any API that reads it decides.
+        let reads_body = [Upstream::OpenAi, Upstream::Ollama, Upstream::Anthropic]
+            .into_iter()
+            .any(|u| plan_request(u, &path).is_ok_and(|p| p.reads_body));
+        if reads_body {
+            host.set_request_header("accept-encoding", None);
+            self.routed_path = Some(path);
+            if end_of_stream {
+                return self.finish_routed(host, config, routing, &[], None, served);
+            }
+            return Action::Pause;
+        }
+        let Some(backend) = routing.default_backend.as_deref() else {
+            send_error(
+                host,
+                routing::NO_ROUTE.status,
+                routing::NO_ROUTE.code,
+                routing::NO_ROUTE.message,
+            );
+            return Action::Pause;
+        };
+        let upstream = routing
+            .backends
+            .get(backend)
+            .map_or(Upstream::OpenAi, |b| b.upstream);
+        match plan_request(upstream, &path) {
+            Ok(plan) => {
+                host.set_request_header(metadata::HEADER_BACKEND, Some(backend));
+                self.plan = Some(plan);
+                Action::Continue
+            }
+            Err(e) => {
+                send_error(host, e.status(), e.code(), &e.to_string());
+                Action::Pause
+            }
+        }
+    }
+
+    /// A routed request's body: resolve the model to a backend, check it, name the backend
+    /// for Envoy's routes, and translate for that backend's API.
+    fn finish_routed(
+        &mut self,
+        host: &mut impl Host,
+        config: &Config,
+        routing: &Routing,
+        body: &[u8],
+        body_size: Option<usize>,
+        served: &Served,
+    ) -> Action {
+        let path = self.routed_path.take().unwrap_or_default();
+        let head = match RequestHead::parse(body) {
+            Ok(h) => h,
+            Err(e) => return self.fail(host, e.status(), e.code(), &e.to_string()),
+        };
+        let model = match head.model() {
+            Ok(m) => m,
+            Err(e) => return self.fail(host, e.status(), e.code(), &e.to_string()),
+        };
+        let resolved = match routing.check(model, &key_allowlist(host), served) {
+            Ok(r) => r,
+            Err(r) => return self.fail(host, r.status, r.code, r.message),
+        };
+        let plan = match plan_request(resolved.upstream, &path) {
+            // A native API the backend does not speak (Ollama's `/api/chat` to an OpenAI
+            // backend) would only reach the model server as an opaque, uncounted request.
+            Ok(p) if !p.reads_body => {
+                let e = crate::translate::RequestError::UnsupportedEndpoint {
+                    path: path.split(['?', '#']).next().unwrap_or("").to_owned(),
+                    upstream: resolved.upstream,
+                };
+                return self.fail(host, e.status(), e.code(), &e.to_string());
+            }
+            Ok(p) => p,
+            Err(e) => return self.fail(host, e.status(), e.code(), &e.to_string()),
+        };
+        host.set_request_header(metadata::HEADER_BACKEND, Some(resolved.backend));
+        self.plan = Some(plan);
+        if resolved.upstream_model == model {
+            let gate = Gate::Routed {
+                target: resolved.target,
+                renamed: false,
+            };
+            return self.finish_request(host, config, body, body_size, gate, Some(&head));
+        }
+        let Some(renamed) = request_head::with_model(body, resolved.upstream_model) else {
+            return self.fail(
+                host,
+                400,
+                "invalid_request",
+                "the body must be a JSON object",
+            );
+        };
+        let gate = Gate::Routed {
+            target: resolved.target,
+            renamed: true,
+        };
+        self.finish_request(host, config, &renamed, body_size, gate, Some(&head))
+    }
+
+    fn fail(&mut self, host: &mut impl Host, status: u16, code: &str, message: &str) -> Action {
+        self.failed = true;
+        send_error(host, status, code, message);
+        Action::Pause
     }
 
     fn refuse_path(&mut self, host: &mut impl Host, why: InvalidPath) -> Action {
@@ -239,10 +357,26 @@ impl Stream {
         config: &Config,
         size: usize,
         end_of_stream: bool,
-        served: Option<&ModelSet>,
+        served: &Served,
     ) -> Action {
         if self.failed {
             return Action::Pause;
+        }
+        if let (Some(routing), true) = (&config.routing, self.routed_path.is_some()) {
+            self.received = size;
+            if size > config.max_body_bytes {
+                return self.fail(
+                    host,
+                    413,
+                    "request_too_large",
+                    "the request body is too large",
+                );
+            }
+            if !end_of_stream {
+                return Action::Pause;
+            }
+            let body = host.request_body(size).unwrap_or_default();
+            return self.finish_routed(host, config, routing, &body, Some(size), served);
         }
         let Some(plan) = &self.plan else {
             return Action::Continue;
@@ -265,7 +399,14 @@ impl Stream {
             return Action::Pause;
         }
         let body = host.request_body(size).unwrap_or_default();
-        self.finish_request(host, config, &body, Some(size), served)
+        self.finish_request(
+            host,
+            config,
+            &body,
+            Some(size),
+            Gate::Single(served.single()),
+            None,
+        )
     }
 
     /// Translates, checks the model, rewrites the request, remembers the response plan.
@@ -275,7 +416,8 @@ impl Stream {
         config: &Config,
         body: &[u8],
         body_size: Option<usize>,
-        served: Option<&ModelSet>,
+        gate: Gate<'_>,
+        head: Option<&RequestHead>,
     ) -> Action {
         let Some(plan) = &self.plan else {
             return Action::Continue;
@@ -288,13 +430,21 @@ impl Stream {
                 return Action::Pause;
             }
         };
+        let renamed = matches!(gate, Gate::Routed { renamed: true, .. });
         if let Some(model) = translated.model() {
-            let allow = key_allowlist(host);
-            if let Err(r) = model_gate::check(model, &allow, served, config.discovery.is_some()) {
-                self.failed = true;
-                send_error(host, r.status, r.code, r.message);
-                return Action::Pause;
-            }
+            let model = match gate {
+                Gate::Single(served) => {
+                    let allow = key_allowlist(host);
+                    let on = config.discovery.is_some();
+                    if let Err(r) = model_gate::check(model, &allow, served, on) {
+                        self.failed = true;
+                        send_error(host, r.status, r.code, r.message);
+                        return Action::Pause;
+                    }
+                    model
+                }
+                Gate::Routed { target, .. } => target,
+            };
             host.set_property(metadata::FILTER_STATE_MODEL, model);
             let opted_in =
                 authz_metadata(host, metadata::PROMPT_LOG).as_deref() == Some(b"1".as_slice());
@@ -305,7 +455,15 @@ impl Stream {
                     &String::from_utf8_lossy(&body[..end]),
                 );
             }
-            let reserve = reservation(body, config.default_reservation_tokens);
+            let parsed;
+            let head = match head {
+                Some(h) => h,
+                None => {
+                    parsed = RequestHead::parse(body).unwrap_or_default();
+                    &parsed
+                }
+            };
+            let reserve = head.reservation(body.len(), config.default_reservation_tokens);
             host.set_property(metadata::FILTER_STATE_RESERVATION, &reserve.to_string());
             self.reserved = Some(reserve);
         }
@@ -315,7 +473,9 @@ impl Stream {
         for (name, value) in translated.headers {
             host.set_request_header(name, Some(value));
         }
-        if let (Some(new), Some(size)) = (&translated.body, body_size) {
+        // A routed request whose model was renamed carries its new body in `body`.
+        let new = translated.body.as_deref().or(renamed.then_some(body));
+        if let (Some(new), Some(size)) = (new, body_size) {
             host.set_request_body(size, new);
             host.set_request_header("content-length", Some(&new.len().to_string()));
         }
@@ -525,13 +685,33 @@ impl Stream {
 
 /// Request-headers phase as a free function (kept for callers that only block).
 pub fn on_request_headers(host: &mut impl Host, config: &Config) -> Action {
-    Stream::default().on_request_headers(host, config, true)
+    Stream::default().on_request_headers(host, config, true, &Served::default())
+}
+
+/// A model listing in the shape the client asked for: Ollama's `/api/tags` or OpenAI's list.
+fn listing_body(path: &str, names: &[String], now: u64) -> String {
+    let bare = path.split(['?', '#']).next().unwrap_or("");
+    let v = if bare.trim_end_matches('/') == "/api/tags" {
+        let models: Vec<_> = names
+            .iter()
+            .map(|n| serde_json::json!({"name": n, "model": n}))
+            .collect();
+        serde_json::json!({ "models": models })
+    } else {
+        let data: Vec<_> = names
+            .iter()
+            .map(|n| serde_json::json!({"id": n, "object": "model", "created": now, "owned_by": "tollgate"}))
+            .collect();
+        serde_json::json!({"object": "list", "data": data})
+    };
+    v.to_string()
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
+    use crate::discovery::ModelSet;
     use std::collections::HashMap;
 
     struct Reply {
@@ -684,10 +864,17 @@ mod tests {
         body: &str,
         served: Option<&ModelSet>,
     ) -> (Stream, Action) {
+        let mut known = Served::default();
+        if let Some(set) = served {
+            known.insert(Served::SINGLE, set.clone());
+        }
         let mut s = Stream::default();
         host.request_body = body.as_bytes().to_vec();
-        assert_eq!(s.on_request_headers(host, config, false), Action::Pause);
-        let action = s.on_request_body(host, config, body.len(), true, served);
+        assert_eq!(
+            s.on_request_headers(host, config, false, &known),
+            Action::Pause
+        );
+        let action = s.on_request_body(host, config, body.len(), true, &known);
         (s, action)
     }
 
@@ -869,11 +1056,11 @@ mod tests {
         let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
         let mut s = Stream::default();
         assert_eq!(
-            s.on_request_headers(&mut host, &small, false),
+            s.on_request_headers(&mut host, &small, false, &Served::default()),
             Action::Pause
         );
         assert_eq!(
-            s.on_request_body(&mut host, &small, 17, false, None),
+            s.on_request_body(&mut host, &small, 17, false, &Served::default()),
             Action::Pause
         );
         assert_eq!(host.reply.as_ref().unwrap().status, 413);
@@ -1006,7 +1193,7 @@ mod tests {
         let mut host = FakeHost::request("GET", "/v1/models").with_models("llama3*");
         let mut s = Stream::default();
         assert_eq!(
-            s.on_request_headers(&mut host, &ollama(), true),
+            s.on_request_headers(&mut host, &ollama(), true, &Served::default()),
             Action::Continue
         );
         assert_eq!(host.header(":path").as_deref(), Some("/api/tags"));
@@ -1020,5 +1207,163 @@ mod tests {
             .map(|m| m["id"].as_str().unwrap())
             .collect();
         assert_eq!(ids, ["llama3.1:8b"]);
+    }
+
+    fn routed() -> Config {
+        Config::from_json(
+            br#"{"routing":{"backends":{
+                   "local":{"upstream":"ollama","cluster":"ollama_pool"},
+                   "hosted":{"upstream":"openai","cluster":"hosted","discovery":false}},
+                 "models":[{"match":"llama3*","backend":"local"},
+                           {"match":"gpt-4o-mini","backend":"hosted","upstream_model":"gpt-4o-mini-2024-07-18"}],
+                 "aliases":{"chat-default":"llama3.1:8b","chat-hosted":"gpt-4o-mini"},
+                 "default_backend":"local"}}"#,
+        )
+        .unwrap()
+    }
+
+    fn local_served() -> Served {
+        let mut s = Served::default();
+        s.insert(
+            "local",
+            ModelSet::from_names(["llama3.1:8b", "llama3.2:1b"]),
+        );
+        s
+    }
+
+    fn send_routed(host: &mut FakeHost, body: &str) -> Action {
+        let config = routed();
+        let served = local_served();
+        let mut s = Stream::default();
+        host.request_body = body.as_bytes().to_vec();
+        assert_eq!(
+            s.on_request_headers(host, &config, false, &served),
+            Action::Pause
+        );
+        s.on_request_body(host, &config, body.len(), true, &served)
+    }
+
+    #[test]
+    fn routed_alias_names_the_backend_translates_for_it_and_drops_a_spoofed_header() {
+        let mut host =
+            FakeHost::request("POST", "/v1/chat/completions").with_models("chat-*,llama3*");
+        host.headers
+            .push(("x-tollgate-backend".into(), b"hosted".to_vec()));
+        let body = r#"{"model":"chat-default","messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(send_routed(&mut host, body), Action::Continue);
+        assert!(host.reply.is_none());
+        assert_eq!(host.header("x-tollgate-backend").as_deref(), Some("local"));
+        assert_eq!(host.header(":path").as_deref(), Some("/api/chat"));
+        let sent: serde_json::Value = serde_json::from_slice(&host.request_body).unwrap();
+        assert_eq!(sent["model"], "llama3.1:8b");
+        assert_eq!(host.state["tollgate_model"], "llama3.1:8b");
+
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        let body = r#"{"model":"chat-hosted","messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(send_routed(&mut host, body), Action::Continue);
+        assert_eq!(host.header("x-tollgate-backend").as_deref(), Some("hosted"));
+        assert_eq!(
+            host.header(":path").as_deref(),
+            Some("/v1/chat/completions"),
+            "an OpenAI upstream keeps the path"
+        );
+        let sent: serde_json::Value = serde_json::from_slice(&host.request_body).unwrap();
+        assert_eq!(sent["model"], "gpt-4o-mini-2024-07-18");
+        assert_eq!(
+            host.header("content-length"),
+            Some(host.request_body.len().to_string())
+        );
+    }
+
+    #[test]
+    fn routed_refusals_name_no_backend() {
+        let cases = [
+            (
+                "chat-*",
+                r#"{"model":"chat-default","messages":[]}"#,
+                403,
+                "model_not_allowed",
+            ),
+            (
+                "*",
+                r#"{"model":"mistral","messages":[]}"#,
+                404,
+                "model_not_found",
+            ),
+            (
+                "*",
+                r#"{"model":"llama3.3:70b","messages":[]}"#,
+                404,
+                "model_not_found",
+            ),
+            ("*", r#"{"messages":[]}"#, 400, "missing_model"),
+            ("*", "{oops", 400, "invalid_json"),
+            (
+                "*",
+                r#"{"model":"chat-hosted","prompt":"x","path":"/api/generate"}"#,
+                404,
+                "unsupported_endpoint",
+            ),
+        ];
+        for (allow, body, status, code) in cases {
+            let path = if body.contains("/api/generate") {
+                "/api/generate"
+            } else {
+                "/v1/chat/completions"
+            };
+            let mut host = FakeHost::request("POST", path).with_models(allow);
+            host.headers
+                .push(("x-tollgate-backend".into(), b"hosted".to_vec()));
+            assert_eq!(send_routed(&mut host, body), Action::Pause, "{body}");
+            assert_eq!(host.reply.as_ref().unwrap().status, status, "{body}");
+            assert_eq!(host.reply_json()["error"]["code"], code, "{body}");
+            assert_eq!(host.header("x-tollgate-backend"), None, "{body}");
+        }
+    }
+
+    #[test]
+    fn routed_listing_is_answered_from_discovery_and_the_allowlist() {
+        for (path, field, key) in [
+            ("/v1/models", "data", "id"),
+            ("/api/tags", "models", "name"),
+        ] {
+            let mut host = FakeHost::request("GET", path).with_models("chat-default,llama3*");
+            let mut s = Stream::default();
+            let action = s.on_request_headers(&mut host, &routed(), true, &local_served());
+            assert_eq!(action, Action::Pause);
+            let reply = host.reply.as_ref().unwrap();
+            assert_eq!(reply.status, 200);
+            let v = host.reply_json();
+            let names: Vec<&str> = v[field]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m[key].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                names,
+                ["chat-default", "llama3.1:8b", "llama3.2:1b"],
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn routed_requests_without_a_model_go_to_the_default_backend_or_get_404() {
+        let mut host = FakeHost::request("GET", "/api/version").with_models("*");
+        let mut s = Stream::default();
+        let action = s.on_request_headers(&mut host, &routed(), true, &local_served());
+        assert_eq!(action, Action::Continue);
+        assert_eq!(host.header("x-tollgate-backend").as_deref(), Some("local"));
+
+        let config = Config::from_json(
+            br#"{"routing":{"backends":{"a":{"upstream":"ollama","cluster":"a"}}}}"#,
+        )
+        .unwrap();
+        let mut host = FakeHost::request("GET", "/api/version").with_models("*");
+        let action =
+            Stream::default().on_request_headers(&mut host, &config, true, &Served::default());
+        assert_eq!(action, Action::Pause);
+        assert_eq!(host.reply.as_ref().unwrap().status, 404);
     }
 }

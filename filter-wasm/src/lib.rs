@@ -6,6 +6,8 @@ pub mod discovery;
 pub mod http_filter;
 pub mod model_gate;
 pub mod path_guard;
+pub mod request_head;
+pub mod routing;
 pub mod stream;
 pub mod transcoder;
 pub mod translate;

@@ -7,5 +7,6 @@ pub mod paths;
 pub mod postgres;
 pub mod process;
 pub mod redis;
+pub mod routing_config;
 pub mod service_flags;
 pub mod stack;

@@ -43,6 +43,10 @@ pub struct StackOptions {
     pub mock_models: Option<String>,
     /// Extra arguments for tollgate-ratelimit (e.g. `--redis-url`).
     pub ratelimit_args: Vec<String>,
+    /// Serve the model-routing example (several backends) instead of one model server.
+    pub routing: Option<crate::routing_config::RoutingSpec>,
+    /// Extra environment for Envoy (e.g. a hosted provider's key for the routing example).
+    pub envoy_env: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -66,6 +70,8 @@ impl Default for StackOptions {
             envoy_concurrency: 1,
             mock_models: None,
             ratelimit_args: Vec::new(),
+            routing: None,
+            envoy_env: Vec::new(),
         }
     }
 }
@@ -262,6 +268,9 @@ impl Stack {
             &template,
             &envoy_config::vars(&ports, &wasm, &opts.filter_config),
         )?;
+        if let Some(spec) = &opts.routing {
+            config = crate::routing_config::apply(&config, spec)?;
+        }
         if let Some(keep) = &opts.envoy_http_filters {
             config = envoy_config::keep_http_filters(&config, keep)?;
         }
@@ -270,8 +279,11 @@ impl Stack {
         let mut cmd = pinned(&paths::envoy(), opts.pin_cpus.then_some(1));
         cmd.arg("-c")
             .arg(&config_path)
-            .args(["--disable-hot-restart", "-l", "warning", "--concurrency"])
+            .args(["--disable-hot-restart", "-l"])
+            .arg(std::env::var("TOLLGATE_ENVOY_LOG").unwrap_or_else(|_| "warning".into()))
+            .arg("--concurrency")
             .arg(opts.envoy_concurrency.to_string());
+        cmd.envs(opts.envoy_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let mut envoy = Proc::spawn("envoy", cmd, &dir)?;
         wait_envoy_ready(&mut envoy, ports.admin, ports.listen)?;
 

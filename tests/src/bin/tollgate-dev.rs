@@ -1,4 +1,5 @@
-//! `make up` (and `render-compose`, which writes envoy/envoy.compose.yaml): the whole stack on fixed local ports, a first key printed, foreground until
+//! `make up` (and `render-compose` / `render-routing`, which write envoy/envoy.compose.yaml and
+//! envoy/examples/routing.yaml): the whole stack on fixed local ports, a first key printed, foreground until
 //! Ctrl-C or `make down` (SIGTERM), which stop every process it started.
 
 use std::path::PathBuf;
@@ -33,6 +34,19 @@ fn ollama() -> Option<((String, u16), String)> {
     Some(((ip.to_string(), port), model))
 }
 
+fn print_rendered(rendered: Result<String, String>) -> std::process::ExitCode {
+    match rendered {
+        Ok(yaml) => {
+            print!("{yaml}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     match std::env::args().nth(1).as_deref() {
         Some("up") => match up() {
@@ -42,18 +56,10 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
-        Some("render-compose") => match tollgate_e2e::envoy_config::render_compose() {
-            Ok(yaml) => {
-                print!("{yaml}");
-                std::process::ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                std::process::ExitCode::FAILURE
-            }
-        },
+        Some("render-compose") => print_rendered(tollgate_e2e::envoy_config::render_compose()),
+        Some("render-routing") => print_rendered(tollgate_e2e::routing_config::render_example()),
         _ => {
-            eprintln!("usage: tollgate-dev up | render-compose");
+            eprintln!("usage: tollgate-dev up | render-compose | render-routing");
             std::process::ExitCode::from(2)
         }
     }
