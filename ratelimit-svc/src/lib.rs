@@ -5,6 +5,7 @@ pub mod config_watch;
 pub mod counter_store;
 pub mod descriptor_config;
 pub mod gcra;
+pub mod ledger;
 pub mod limit_policy;
 pub mod limiter;
 pub mod metrics;

@@ -26,6 +26,8 @@ pub struct Descriptor<'a> {
     pub tokens: bool,
     /// A concurrency limit (`tollgate_phase` `lease` or `release`) rather than a rate.
     pub lease: Option<Lease<'a>>,
+    /// A stream's real usage for the ledger (`tollgate_phase=usage`): never limited.
+    pub usage: bool,
 }
 
 /// What a concurrency descriptor does with the slot of its request id.
@@ -72,7 +74,7 @@ struct Resolved<'c> {
 }
 
 fn resolve<'c>(config: &'c Config, domain: &str, d: &Descriptor<'_>) -> Option<Resolved<'c>> {
-    if d.entries.is_empty() {
+    if d.entries.is_empty() || d.usage {
         return None;
     }
     if let Some(limit) = d.limit_override {

@@ -76,15 +76,27 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+/// Renders the budget ledger's drift report for `GET /ledger/drift`: `Ok(json)` or an error.
+pub type DriftReport = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, drift: Option<DriftReport>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let metrics = metrics.clone();
+        let drift = drift.clone();
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let report = match (req.uri().path(), &drift) {
+                        ("/ledger/drift", Some(d)) => Some(d()),
+                        _ => None,
+                    };
                     let r = match req.uri().path() {
                         "/metrics" => text(StatusCode::OK, metrics.render()),
                         "/healthz" => text(StatusCode::OK, "ok\n".into()),
@@ -92,7 +104,15 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
                         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
                     };
-                    async move { Ok::<_, Infallible>(r) }
+                    async move {
+                        Ok::<_, Infallible>(match report {
+                            Some(report) => match report.await {
+                                Ok(json) => text(StatusCode::OK, json),
+                                Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+                            },
+                            None => r,
+                        })
+                    }
                 });
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new()

@@ -4,9 +4,11 @@
 //! configured to deny on it.
 
 use crate::config_watch::SharedConfig;
+use crate::counter_store::redis_keys;
 use crate::counter_store::{CounterStore, StoreError};
 use crate::descriptor_config::Config;
 use crate::gcra::{Nanos, Verdict};
+use crate::ledger::{CounterRef, Ledger, Record};
 use crate::limit_policy::{Limit, Unit};
 use crate::limiter::{self, Decision, Descriptor, Lease, Outcome};
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
@@ -35,6 +37,7 @@ pub struct RlsService<S> {
     shadow_over_limit: AtomicU64,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     lease_ttl: Duration,
+    ledger: Option<Arc<Ledger>>,
 }
 
 impl<S: CounterStore> RlsService<S> {
@@ -46,7 +49,14 @@ impl<S: CounterStore> RlsService<S> {
             shadow_over_limit: AtomicU64::new(0),
             metrics: None,
             lease_ttl: limiter::DEFAULT_LEASE_TTL,
+            ledger: None,
         }
+    }
+
+    /// Records every stream's real usage (`tollgate_phase=usage`) in the budget ledger.
+    pub fn with_ledger(mut self, ledger: Arc<Ledger>) -> Self {
+        self.ledger = Some(ledger);
+        self
     }
 
     /// How long a concurrency slot is held when its release never comes.
@@ -76,6 +86,7 @@ pub fn parse_descriptor(
     let mut entries = Vec::with_capacity(d.entries.len());
     let (mut tokens, mut debit, mut phase_refund) = (false, false, false);
     let mut lease_phase = None;
+    let mut usage = false;
     for e in &d.entries {
         // The request id identifies the request, not the limit: never matched, never
         // part of a counter key.
@@ -87,6 +98,9 @@ pub fn parse_descriptor(
             // Lease and release address one lease set.
             lease_phase = Some(e.value == metadata::PHASE_LEASE);
             entries.push((e.key.as_str(), metadata::PHASE_LEASE));
+        } else if e.key == metadata::DESCRIPTOR_PHASE && e.value == metadata::PHASE_USAGE {
+            usage = true;
+            entries.push((e.key.as_str(), metadata::PHASE_USAGE));
         } else if e.key == metadata::DESCRIPTOR_PHASE {
             // Admission, extra debit and refund all address one token counter.
             tokens = true;
@@ -126,6 +140,7 @@ pub fn parse_descriptor(
         debit,
         tokens,
         lease,
+        usage,
     };
     (descriptor, request_id)
 }
@@ -354,6 +369,58 @@ pub async fn decide<S: CounterStore>(
     Ok((response_for(&decision, &counts, request_id), decision))
 }
 
+/// The ledger records of a stream-done call: one per `usage` descriptor that used tokens,
+/// each naming the budget counters (day or longer) the same call debited or refunded.
+pub fn ledger_records(req: &RateLimitRequest, decision: &Decision, at_us: u64) -> Vec<Record> {
+    let parsed: Vec<(Descriptor<'_>, Option<&str>)> = req
+        .descriptors
+        .iter()
+        .map(|d| parse_descriptor(d, req.hits_addend))
+        .collect();
+    if !parsed.iter().any(|(d, _)| d.usage && d.hits > 0) {
+        return Vec::new();
+    }
+    let counters: Vec<CounterRef> = parsed
+        .iter()
+        .zip(&decision.outcomes)
+        .filter_map(|((d, _), o)| match o {
+            Outcome::Counted { limit, .. }
+                if d.tokens && (d.debit || d.refund) && is_budget(limit) =>
+            {
+                let (kind, id) = d.entries.first()?;
+                Some(CounterRef {
+                    key: redis_keys::counter_key(&req.domain, &d.entries, limit),
+                    subject_kind: kind.to_string(),
+                    subject_id: id.to_string(),
+                    requests_per_unit: limit.requests_per_unit,
+                    unit: limit.unit.name().to_string(),
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    parsed
+        .iter()
+        .filter(|(d, _)| d.usage && d.hits > 0)
+        .map(|(d, rid)| {
+            let entry = |k: &str| {
+                d.entries
+                    .iter()
+                    .find(|(key, _)| *key == k)
+                    .map_or(String::new(), |(_, v)| v.to_string())
+            };
+            Record {
+                request_id: rid.unwrap_or_default().to_string(),
+                key_id: entry(metadata::KEY_ID),
+                tenant_id: entry(metadata::TENANT_ID),
+                tokens: d.hits,
+                at_us,
+                counters: counters.clone(),
+            }
+        })
+        .collect()
+}
+
 #[tonic::async_trait]
 impl<S: CounterStore> RateLimitService for RlsService<S> {
     async fn should_rate_limit(
@@ -396,6 +463,14 @@ impl<S: CounterStore> RateLimitService for RlsService<S> {
                 }
                 if decision.over_limit {
                     tracing::debug!(domain = %req.domain, "over limit");
+                }
+                // Only stream-done calls carry usage: admission never waits on the ledger.
+                if let Some(ledger) = &self.ledger {
+                    for record in ledger_records(&req, &decision, crate::ledger::unix_micros()) {
+                        if let Err(e) = ledger.record(record).await {
+                            tracing::error!(error = %e, "ledger: usage not recorded");
+                        }
+                    }
                 }
                 Ok(Response::new(resp))
             }

@@ -1,6 +1,6 @@
 //! tollgate-ratelimit: Envoy RLS v3 gRPC server. Wires flags to components only.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tollgate_ratelimit::config_watch::{ConfigSource, ConfigWatcher, SharedConfig};
 use tollgate_ratelimit::counter_store::{AnyStore, MemoryStore, RedisStore, StoreError};
 use tollgate_ratelimit::descriptor_config::Config;
+use tollgate_ratelimit::ledger::{self, Ledger, LedgerDb};
 use tollgate_ratelimit::rls_service::RlsService;
 
 #[derive(Parser, Debug)]
@@ -61,6 +62,23 @@ struct Args {
     )]
     lease_ttl_ms: u64,
 
+    /// Budget ledger database (`sqlite:…` or `postgres://…`): every stream's real usage is
+    /// recorded there. No ledger when absent.
+    #[arg(long, env = "TOLLGATE_LEDGER_URL")]
+    ledger_url: Option<String>,
+
+    /// The ledger's durable local buffer (a directory): usage is fsync'd here before it is
+    /// batched into the database, and replayed from here after a crash or an outage.
+    #[arg(
+        long,
+        env = "TOLLGATE_LEDGER_BUFFER",
+        default_value = "tollgate-ledger"
+    )]
+    ledger_buffer: PathBuf,
+
+    #[command(subcommand)]
+    command: Option<Cmd>,
+
     /// Plain-HTTP address for /metrics, /healthz and /readyz (printed as `HTTP <addr>`).
     #[arg(
         long,
@@ -68,6 +86,17 @@ struct Args {
         default_value = "127.0.0.1:10012"
     )]
     http_listen: SocketAddr,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Compares the Redis budget counters with the ledger and prints one JSON line per
+    /// counter (`counter_tokens`, `ledger_tokens`, `drift`); with --max-drift, exits 1 when
+    /// any |drift| is larger. In-memory counters: `GET /ledger/drift` on the running service.
+    Reconcile {
+        #[arg(long)]
+        max_drift: Option<u64>,
+    },
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -137,7 +166,54 @@ async fn readiness_loop(
     }
 }
 
+/// `reconcile`: one JSON line per budget counter; `Err` when drift is over the bound.
+async fn reconcile(args: &Args, max_drift: Option<u64>) -> Result<(), Box<dyn std::error::Error>> {
+    let (Some(redis_url), Some(ledger_url)) = (&args.redis_url, &args.ledger_url) else {
+        return Err(
+            "reconcile needs --redis-url and --ledger-url (in-memory counters: \
+                    GET /ledger/drift on the running service)"
+                .into(),
+        );
+    };
+    let timeout = Duration::from_millis(args.redis_timeout_ms.max(1));
+    let store = RedisStore::connect(redis_url, timeout).await?;
+    let db = LedgerDb::connect(ledger_url).await?;
+    let report = ledger::reconcile(&store, &db, ledger::unix_micros()).await?;
+    let mut over = 0;
+    for d in &report {
+        println!("{}", serde_json::to_string(d)?);
+        if max_drift.is_some_and(|m| d.drift.unsigned_abs() > m) {
+            over += 1;
+        }
+    }
+    if over > 0 {
+        return Err(
+            format!("{over} budget counter(s) drift from the ledger beyond the bound").into(),
+        );
+    }
+    Ok(())
+}
+
+/// SIGINT or SIGTERM (what Kubernetes sends).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(Cmd::Reconcile { max_drift }) = &args.command {
+        return reconcile(&args, *max_drift).await;
+    }
     match (args.profile.as_str(), &args.redis_url) {
         ("casual", _) | ("foundation", Some(_)) => {}
         ("foundation", None) => {
@@ -176,6 +252,28 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
 
     let store = Arc::new(store);
+    let ledger = match &args.ledger_url {
+        Some(url) => {
+            let db = LedgerDb::connect(url).await?;
+            let ledger = Ledger::open(&args.ledger_buffer, db).await?;
+            tracing::info!(buffer = %args.ledger_buffer.display(), source = ledger.source(), "budget ledger on");
+            Some(Arc::new(ledger))
+        }
+        None => None,
+    };
+    let drift: Option<tollgate_ratelimit::metrics::DriftReport> = ledger.as_ref().map(|l| {
+        let (store, ledger) = (Arc::clone(&store), Arc::clone(l));
+        let report: tollgate_ratelimit::metrics::DriftReport = Arc::new(move || {
+            let (store, ledger) = (Arc::clone(&store), Arc::clone(&ledger));
+            Box::pin(async move {
+                let report = ledger::reconcile(&*store, ledger.db(), ledger::unix_micros())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                serde_json::to_string(&report).map_err(|e| e.to_string())
+            })
+        });
+        report
+    });
     let metrics = Arc::new(tollgate_ratelimit::metrics::Metrics::new()?);
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(readiness_loop(
@@ -188,24 +286,34 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     tokio::spawn(tollgate_ratelimit::metrics::serve(
         http,
         Arc::clone(&metrics),
+        drift,
     ));
 
     let listener = TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     println!("LISTENING {addr}");
     tracing::info!(%addr, counters = backend, "tollgate-ratelimit serving RLS v3");
-    let service = RlsService::new(store, shared)
+    let mut service = RlsService::new(store, shared)
         .with_metrics(metrics)
         .with_lease_ttl(Duration::from_millis(args.lease_ttl_ms.max(1)));
+    if let Some(l) = &ledger {
+        service = service.with_ledger(Arc::clone(l));
+    }
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(RateLimitServiceServer::new(service))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                let _ = tokio::signal::ctrl_c().await;
-            },
+            shutdown_signal(),
         )
         .await?;
+    // In-flight calls are answered; what the ledger buffered goes to the database now (what
+    // cannot, stays in the buffer for the next start).
+    if let Some(l) = &ledger {
+        match l.shutdown().await {
+            Ok(()) => tracing::info!("ledger flushed"),
+            Err(e) => tracing::warn!(error = %e, "ledger not flushed; kept in the buffer"),
+        }
+    }
     Ok(())
 }
