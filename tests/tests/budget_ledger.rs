@@ -344,3 +344,106 @@ fn streams_land_in_the_postgres_ledger_through_an_outage_and_a_ratelimit_crash()
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn reconcile_cli(redis: &str, ledger: &str, max_drift: u64) -> (bool, Vec<serde_json::Value>) {
+    let out = std::process::Command::new(tollgate_e2e::paths::binary("tollgate-ratelimit"))
+        .args(["--redis-url", redis, "--ledger-url", ledger])
+        .args(["reconcile", "--max-drift", &max_drift.to_string()])
+        .output()
+        .unwrap();
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    (out.status.success(), lines)
+}
+
+#[test]
+fn reconcile_command_finds_redis_counters_that_lost_what_the_ledger_recorded() {
+    let redis = tollgate_e2e::redis::Redis::start().unwrap_or_else(|e| panic!("redis: {e}"));
+    let dir = temp_dir("reconcile");
+    let ledger_url = format!("sqlite://{}", dir.join("ledger.db").display());
+    let stack = Stack::start(StackOptions {
+        ratelimit_args: vec![
+            "--redis-url".into(),
+            redis.url(),
+            "--ledger-url".into(),
+            ledger_url.clone(),
+            "--ledger-buffer".into(),
+            dir.join("buffer").display().to_string(),
+        ],
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("stack did not start: {e}"));
+    let (key_id, key) = stack.create_key("acme", None).unwrap();
+    stack
+        .admin(&[
+            "policy",
+            "set",
+            "--key",
+            &key_id,
+            "--budget-month",
+            "1000000",
+        ])
+        .unwrap();
+    for _ in 0..2 {
+        chat(stack.envoy_port, &key);
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(LedgerDb::connect(&ledger_url)).unwrap();
+    assert_eq!(wait_rows(&rt, &db, &key_id, 2), 24);
+    let (ok, report) = reconcile_cli(&redis.url(), &ledger_url, 1);
+    assert!(ok, "{report:?}");
+    assert_eq!(report.len(), 1, "{report:?}");
+    assert_eq!(report[0]["unit"], "month");
+    assert_eq!(report[0]["counter_tokens"], 24, "{report:?}");
+    assert_eq!(report[0]["ledger_tokens"], 24, "{report:?}");
+    // Redis loses its data (a failover without replication, a FLUSHALL): the counters
+    // forgot 24 tokens the ledger still has; the command says so and fails.
+    let mut flush = std::process::Command::new("redis-cli");
+    flush.args(["-p", &redis.port.to_string(), "FLUSHALL"]);
+    assert!(flush.output().unwrap().status.success());
+    let (ok, report) = reconcile_cli(&redis.url(), &ledger_url, 1);
+    assert!(!ok, "a drift of 24 passed a bound of 1: {report:?}");
+    assert_eq!(report[0]["drift"], -24, "{report:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sigterm_flushes_the_ledger_before_the_rate_limiter_exits() {
+    let dir = temp_dir("sigterm");
+    let ledger_url = format!("sqlite://{}", dir.join("ledger.db").display());
+    let mut stack = Stack::start(StackOptions {
+        ratelimit_args: vec![
+            "--ledger-url".into(),
+            ledger_url.clone(),
+            "--ledger-buffer".into(),
+            dir.join("buffer").display().to_string(),
+        ],
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("stack did not start: {e}"));
+    let (key_id, key) = stack.create_key("acme", None).unwrap();
+    chat(stack.envoy_port, &key);
+    let pid = stack.ratelimit.pid().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stack.ratelimit.alive() {
+        assert!(Instant::now() < deadline, "still running after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        stack.ratelimit.log_text().contains("ledger flushed"),
+        "{}",
+        stack.ratelimit.log_text()
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(LedgerDb::connect(&ledger_url)).unwrap();
+    assert_eq!(rt.block_on(total(&db, "key_id", &key_id)), (1, 12));
+    let _ = std::fs::remove_dir_all(&dir);
+}
