@@ -1,7 +1,9 @@
 //! gateway-bench: what Tollgate adds to Envoy, measured against bare Envoy in the same run.
-//! Three Envoys in turn over the same mock model server: bare (router only), the side calls
-//! only (ext_authz + ratelimit), and full Tollgate (ext_authz + wasm filter + ratelimit).
-//! Envoy is pinned to CPU 1, everything else (this load generator included) to CPU 0.
+//! Four Envoys in turn over the same mock model server: bare (router only), the side calls
+//! only (ext_authz + ratelimit), full Tollgate (ext_authz + wasm filter + ratelimit), and full
+//! Tollgate with the model-routing example (docs/CONFIGURATION.md), the model routed by the
+//! filter to a backend route. Envoy is pinned to CPU 1, everything else (this load generator
+//! and the mock included, when run under `taskset -c 0`) to CPU 0.
 //!
 //! Run: `make build && taskset -c 0 target/debug/gateway-bench` (services are started from
 //! target/$TOLLGATE_BUILD_PROFILE; use TOLLGATE_BUILD_PROFILE=release after `cargo build --release`).
@@ -11,6 +13,9 @@ use http_body_util::{BodyExt, Full};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tollgate_e2e::http;
+use tollgate_e2e::paths;
+use tollgate_e2e::process::Proc;
+use tollgate_e2e::routing_config::RoutingSpec;
 use tollgate_e2e::stack::{Stack, StackOptions};
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -19,6 +24,8 @@ type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 struct Load {
     stream: bool,
     chunks: u32,
+    /// Milliseconds between streamed chunks (0 = as fast as the mock writes).
+    delay_ms: u32,
     concurrency: usize,
     requests: usize,
 }
@@ -72,6 +79,7 @@ async fn worker(port: u16, key: String, load: Load, n: usize) -> Res<Vec<Sample>
             .header("content-type", "application/json")
             .header("authorization", format!("Bearer {key}"))
             .header("x-mock-chunks", load.chunks.to_string())
+            .header("x-mock-chunk-delay-ms", load.delay_ms.to_string())
             .body(Full::new(Bytes::from(body.clone())))?;
         let start = Instant::now();
         let resp = sender.send_request(req).await?;
@@ -97,7 +105,13 @@ async fn worker(port: u16, key: String, load: Load, n: usize) -> Res<Vec<Sample>
 
 async fn run_load(stack: &Stack, key: &str, load: Load) -> Res<Stats> {
     // Warm-up: connections, caches, JIT.
-    worker(stack.envoy_port, key.to_string(), load, 50).await?;
+    worker(
+        stack.envoy_port,
+        key.to_string(),
+        load,
+        50.min(load.requests),
+    )
+    .await?;
     let pid = stack.envoy.pid().ok_or("envoy has no pid")?;
     let cpu0 = cpu_ticks(pid);
     let per = load.requests / load.concurrency;
@@ -170,18 +184,73 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// The mock model server every variant uses (inherits this process's CPU pinning).
+fn start_mock(dir: &std::path::Path) -> Res<(Proc, u16)> {
+    let mut cmd = std::process::Command::new(paths::binary("mock-model-server"));
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    let mut p = Proc::spawn("mock-model-server", cmd, dir)?;
+    let addr = p.wait_for_line("LISTENING ", Duration::from_secs(20))?;
+    let port = addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or("mock port")?;
+    Ok((p, port))
+}
+
+/// Every backend of the routing example on the one mock: the routing decision and Envoy's
+/// route match are measured, not a different upstream.
+fn routing_spec(mock: u16) -> RoutingSpec {
+    let host = ("127.0.0.1".to_string(), mock);
+    RoutingSpec {
+        ollama_a: host.clone(),
+        ollama_b: host.clone(),
+        hosted: host,
+        hosted_tls: false,
+        hosted_key_env: "TOLLGATE_BENCH_HOSTED_KEY".into(),
+        health_interval_ms: 5000,
+        discovery_interval_ms: 10_000,
+    }
+}
+
+/// Model requests fail closed (503) until the filter has discovered the backends' models.
+async fn wait_discovered(stack: &Stack, key: &str) -> Res<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let auth = format!("Bearer {key}");
+    loop {
+        let r = http::post_json(
+            stack.envoy_port,
+            "/v1/chat/completions",
+            &[("authorization", &auth)],
+            &serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}),
+        )?;
+        if r.status == 200 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("routing never became ready: {} {}", r.status, r.text()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Res<()> {
-    let variants: [(&str, Option<Vec<&'static str>>); 3] = [
-        ("bare Envoy", Some(vec![])),
+    let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (mut mock, mock_port) = start_mock(&dir)?;
+    let variants: [(&str, Option<Vec<&'static str>>, bool); 4] = [
+        ("bare Envoy", Some(vec![]), false),
         (
             "ext_authz + ratelimit",
             Some(vec![
                 "envoy.filters.http.ext_authz",
                 "envoy.filters.http.ratelimit",
             ]),
+            false,
         ),
-        ("Tollgate (authz + filter + ratelimit)", None),
+        ("Tollgate (authz + filter + ratelimit)", None, false),
+        ("Tollgate, model routing", None, true),
     ];
     let loads = [
         (
@@ -189,6 +258,7 @@ async fn main() -> Res<()> {
             Load {
                 stream: false,
                 chunks: 5,
+                delay_ms: 0,
                 concurrency: 1,
                 requests: 2000,
             },
@@ -198,6 +268,7 @@ async fn main() -> Res<()> {
             Load {
                 stream: false,
                 chunks: 5,
+                delay_ms: 0,
                 concurrency: 32,
                 requests: 8000,
             },
@@ -207,8 +278,19 @@ async fn main() -> Res<()> {
             Load {
                 stream: true,
                 chunks: 200,
+                delay_ms: 0,
                 concurrency: 1,
                 requests: 500,
+            },
+        ),
+        (
+            "streaming 200 chunks 1 ms apart",
+            Load {
+                stream: true,
+                chunks: 200,
+                delay_ms: 1,
+                concurrency: 1,
+                requests: 100,
             },
         ),
         (
@@ -216,19 +298,42 @@ async fn main() -> Res<()> {
             Load {
                 stream: true,
                 chunks: 200,
+                delay_ms: 0,
                 concurrency: 32,
                 requests: 2000,
             },
         ),
+        (
+            "streaming 200 chunks 1 ms apart",
+            Load {
+                stream: true,
+                chunks: 200,
+                delay_ms: 1,
+                concurrency: 32,
+                requests: 640,
+            },
+        ),
     ];
     let mut results: Vec<(String, Vec<Stats>, f64)> = Vec::new();
-    for (name, filters) in variants {
+    for (name, filters, routed) in variants {
+        let spec = routing_spec(mock_port);
         let stack = Stack::start(StackOptions {
             envoy_http_filters: filters,
             pin_cpus: true,
+            model: Some(("127.0.0.1".into(), mock_port)),
+            filter_config: if routed {
+                spec.filter_config()
+            } else {
+                "{}".into()
+            },
+            routing: routed.then_some(spec),
+            envoy_env: vec![("TOLLGATE_BENCH_HOSTED_KEY".into(), "sk-bench".into())],
             ..Default::default()
         })?;
         let (_, key) = stack.create_key("bench", None)?;
+        if routed {
+            wait_discovered(&stack, &key).await?;
+        }
         let mut stats = Vec::new();
         for (label, load) in loads {
             let s = run_load(&stack, &key, load).await?;
@@ -264,5 +369,7 @@ async fn main() -> Res<()> {
     for (name, _, mem) in &results {
         println!("| {name} | {:.1} KiB |", mem / 1024.0);
     }
+    mock.kill();
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -65,6 +65,11 @@ async fn main() -> std::io::Result<()> {
                 continue;
             }
         };
+        // Real model servers (Ollama is Go, which sets it by default) write each chunk at
+        // once; with Nagle on, chunks would wait for the gateway's delayed ACKs.
+        if let Err(e) = stream.set_nodelay(true) {
+            eprintln!("mock-model-server: TCP_NODELAY: {e}");
+        }
         let state = Arc::clone(&state);
         tokio::spawn(async move {
             let service = service_fn(move |req| router::handle(req, Arc::clone(&state)));
