@@ -127,6 +127,32 @@ pub fn keep_http_filters(yaml: &str, keep: &[&str]) -> Result<String, String> {
     serde_yaml::to_string(&v).map_err(|e| format!("envoy config: {e}"))
 }
 
+/// Drops the rate-limit entries Envoy sends at stream end (`apply_on_stream_done`): token
+/// debit/refund, lease release, ledger usage. Used by the benchmark to tell the filter's own
+/// cost from the cost of the stream-done RLS call it enables.
+pub fn without_stream_done_calls(yaml: &str) -> Result<String, String> {
+    use serde_yaml::Value;
+    let mut v: Value = serde_yaml::from_str(yaml).map_err(|e| format!("envoy config: {e}"))?;
+    let hosts = v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["route_config"]["virtual_hosts"]
+        .as_sequence_mut()
+        .ok_or("envoy config: no virtual hosts")?;
+    for host in hosts {
+        if let Some(Value::Sequence(routes)) = host.get_mut("routes") {
+            for route in routes {
+                let limits = route
+                    .get_mut("typed_per_filter_config")
+                    .and_then(|p| p.get_mut("envoy.filters.http.ratelimit"))
+                    .and_then(|r| r.get_mut("rate_limits"));
+                if let Some(Value::Sequence(limits)) = limits {
+                    limits.retain(|l| l["apply_on_stream_done"] != Value::Bool(true));
+                }
+            }
+        }
+    }
+    serde_yaml::to_string(&v).map_err(|e| format!("envoy config: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,5 +164,28 @@ mod tests {
         assert_eq!(render("x{{A}}y{{A}}", &v).unwrap(), "x1y1");
         assert!(render("{{B}}", &v).is_err());
         assert!(render("{{A", &v).is_err());
+    }
+
+    #[test]
+    fn stream_done_entries_are_dropped_and_admission_entries_kept() {
+        let rendered = render_compose().unwrap();
+        let count = |yaml: &str| -> (usize, usize) {
+            let v: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
+            let limits = &v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+                ["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]
+                ["typed_per_filter_config"]["envoy.filters.http.ratelimit"]["rate_limits"];
+            let all = limits.as_sequence().unwrap();
+            let done = all
+                .iter()
+                .filter(|l| l["apply_on_stream_done"] == serde_yaml::Value::Bool(true))
+                .count();
+            (all.len(), done)
+        };
+        let (all, done) = count(&rendered);
+        assert!(done > 0 && all > done);
+        assert_eq!(
+            count(&without_stream_done_calls(&rendered).unwrap()),
+            (all - done, 0)
+        );
     }
 }

@@ -47,6 +47,8 @@ pub struct StackOptions {
     pub routing: Option<crate::routing_config::RoutingSpec>,
     /// Extra environment for Envoy (e.g. a hosted provider's key for the routing example).
     pub envoy_env: Vec<(String, String)>,
+    /// A last rewrite of the rendered Envoy config (benchmark variants).
+    pub envoy_transform: Option<fn(&str) -> Result<String, String>>,
 }
 
 impl Default for StackOptions {
@@ -72,6 +74,7 @@ impl Default for StackOptions {
             ratelimit_args: Vec::new(),
             routing: None,
             envoy_env: Vec::new(),
+            envoy_transform: None,
         }
     }
 }
@@ -273,6 +276,9 @@ impl Stack {
         }
         if let Some(keep) = &opts.envoy_http_filters {
             config = envoy_config::keep_http_filters(&config, keep)?;
+        }
+        if let Some(transform) = opts.envoy_transform {
+            config = transform(&config)?;
         }
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, config).map_err(|e| format!("envoy config: {e}"))?;

@@ -1,8 +1,8 @@
 //! gateway-bench: what Tollgate adds to Envoy, measured against bare Envoy in the same run.
-//! Four Envoys in turn over the same mock model server: bare (router only), the side calls
-//! only (ext_authz + ratelimit), full Tollgate (ext_authz + wasm filter + ratelimit), and full
-//! Tollgate with the model-routing example (docs/CONFIGURATION.md), the model routed by the
-//! filter to a backend route. Envoy is pinned to CPU 1, everything else (this load generator
+//! Five Envoys in turn over the same mock model server: bare (router only), the side calls
+//! only (ext_authz + ratelimit), Tollgate without the stream-done RLS call (the filter's own
+//! cost), full Tollgate (ext_authz + wasm filter + ratelimit), and full Tollgate with the
+//! model-routing example (docs/CONFIGURATION.md), the model routed by the filter. Envoy is pinned to CPU 1, everything else (this load generator
 //! and the mock included, when run under `taskset -c 0`) to CPU 0.
 //!
 //! Run: `make build && taskset -c 0 target/debug/gateway-bench` (services are started from
@@ -239,8 +239,10 @@ async fn main() -> Res<()> {
     let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (mut mock, mock_port) = start_mock(&dir)?;
-    let variants: [(&str, Option<Vec<&'static str>>, bool); 4] = [
-        ("bare Envoy", Some(vec![]), false),
+    type Transform = Option<fn(&str) -> Result<String, String>>;
+    let no_debit: Transform = Some(tollgate_e2e::envoy_config::without_stream_done_calls);
+    let variants: [(&str, Option<Vec<&'static str>>, bool, Transform); 5] = [
+        ("bare Envoy", Some(vec![]), false, None),
         (
             "ext_authz + ratelimit",
             Some(vec![
@@ -248,9 +250,16 @@ async fn main() -> Res<()> {
                 "envoy.filters.http.ratelimit",
             ]),
             false,
+            None,
         ),
-        ("Tollgate (authz + filter + ratelimit)", None, false),
-        ("Tollgate, model routing", None, true),
+        (
+            "Tollgate without the stream-done call",
+            None,
+            false,
+            no_debit,
+        ),
+        ("Tollgate (authz + filter + ratelimit)", None, false, None),
+        ("Tollgate, model routing", None, true, None),
     ];
     let loads = [
         (
@@ -315,7 +324,7 @@ async fn main() -> Res<()> {
         ),
     ];
     let mut results: Vec<(String, Vec<Stats>, f64)> = Vec::new();
-    for (name, filters, routed) in variants {
+    for (name, filters, routed, transform) in variants {
         let spec = routing_spec(mock_port);
         let stack = Stack::start(StackOptions {
             envoy_http_filters: filters,
@@ -328,6 +337,7 @@ async fn main() -> Res<()> {
             },
             routing: routed.then_some(spec),
             envoy_env: vec![("TOLLGATE_BENCH_HOSTED_KEY".into(), "sk-bench".into())],
+            envoy_transform: transform,
             ..Default::default()
         })?;
         let (_, key) = stack.create_key("bench", None)?;
