@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 const READY: Duration = Duration::from_secs(30);
 
+/// Rewrites a rendered Envoy config.
+pub type ConfigTransform = fn(&str) -> Result<String, String>;
+
 #[derive(Debug, Clone)]
 pub struct StackOptions {
     /// Fixed Envoy listener/admin ports (for `make up`); free ports when `None`.
@@ -48,7 +51,7 @@ pub struct StackOptions {
     /// Extra environment for Envoy (e.g. a hosted provider's key for the routing example).
     pub envoy_env: Vec<(String, String)>,
     /// A last rewrite of the rendered Envoy config (benchmark variants).
-    pub envoy_transform: Option<fn(&str) -> Result<String, String>>,
+    pub envoy_transform: Option<ConfigTransform>,
 }
 
 impl Default for StackOptions {

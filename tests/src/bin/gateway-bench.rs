@@ -239,7 +239,7 @@ async fn main() -> Res<()> {
     let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (mut mock, mock_port) = start_mock(&dir)?;
-    type Transform = Option<fn(&str) -> Result<String, String>>;
+    type Transform = Option<tollgate_e2e::stack::ConfigTransform>;
     let no_debit: Transform = Some(tollgate_e2e::envoy_config::without_stream_done_calls);
     let variants: [(&str, Option<Vec<&'static str>>, bool, Transform); 5] = [
         ("bare Envoy", Some(vec![]), false, None),
