@@ -51,7 +51,7 @@ impl RoutingSpec {
                     "local": {"upstream": "ollama", "cluster": "ollama_pool"},
                     "primary": {"upstream": "ollama", "cluster": "ollama_a", "fallback": "spare"},
                     "spare": {"upstream": "ollama", "cluster": "ollama_b"},
-                    "hosted": {"upstream": "openai", "cluster": "hosted"}
+                    "hosted": {"upstream": "openai", "cluster": "hosted", "discovery": false}
                 },
                 "models": [
                     {"match": "llama3*", "backend": "local"},
