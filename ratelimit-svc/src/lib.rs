@@ -10,3 +10,4 @@ pub mod limit_policy;
 pub mod limiter;
 pub mod metrics;
 pub mod rls_service;
+pub mod startup_gate;

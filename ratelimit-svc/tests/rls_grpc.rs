@@ -160,6 +160,8 @@ impl Drop for Rls {
 fn start_rls(args: &[&str]) -> Result<Rls, String> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate-ratelimit"))
         .args(["--listen", "127.0.0.1:0", "--reload-ms", "50"])
+        // Tests run binaries in parallel: not the fixed default HTTP port.
+        .args(["--http-listen", "127.0.0.1:0"])
         .args(args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())

@@ -4,14 +4,17 @@ use clap::{Parser, Subcommand};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tollgate_ratelimit::config_watch::{ConfigSource, ConfigWatcher, SharedConfig};
-use tollgate_ratelimit::counter_store::{AnyStore, MemoryStore, RedisStore, StoreError};
+use tollgate_ratelimit::counter_store::{
+    AnyStore, MemoryStore, RedisStore, RedisTarget, StoreError,
+};
 use tollgate_ratelimit::descriptor_config::Config;
 use tollgate_ratelimit::ledger::{self, Ledger, LedgerDb};
 use tollgate_ratelimit::rls_service::RlsService;
+use tollgate_ratelimit::startup_gate::StartupGate;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -121,8 +124,22 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-/// Connects to Redis, retrying every second while it is unreachable: the service starts
-/// serving only with working counters (Envoy denies until then). A malformed URL is fatal.
+/// A URL the Redis client refuses is a configuration error: fatal before anything is bound
+/// (`connect_redis` would say the same, but only after the ports are up).
+fn check_redis_url(url: &str) -> Result<(), StoreError> {
+    let nodes = match RedisTarget::parse(url)? {
+        RedisTarget::Single(node) => vec![node],
+        RedisTarget::Cluster(nodes) => nodes,
+    };
+    for node in nodes {
+        redis::Client::open(node.as_str()).map_err(|e| StoreError::InvalidUrl(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Connects to Redis, retrying every second while it is unreachable: until then every
+/// decision is UNAVAILABLE (Envoy denies) and the service is not ready. A malformed URL is
+/// fatal.
 async fn connect_redis(url: &str, timeout: Duration) -> Result<RedisStore, StoreError> {
     loop {
         match RedisStore::connect(url, timeout).await {
@@ -152,16 +169,9 @@ async fn readiness_loop(
         if ok != metrics.ready() {
             tracing::info!(ready = ok, "readiness changed");
         }
+        // gRPC health first: whoever sees /readyz 200 also sees SERVING.
+        set_health(&health, ok).await;
         metrics.set_ready(ok);
-        let status = if ok {
-            tonic_health::ServingStatus::Serving
-        } else {
-            tonic_health::ServingStatus::NotServing
-        };
-        health.set_service_status("", status).await;
-        health
-            .set_service_status("envoy.service.ratelimit.v3.RateLimitService", status)
-            .await;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
@@ -210,6 +220,89 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Connects to the ledger database, retrying every second while it is unreachable (usage is
+/// only written once it is open, so nothing is lost by waiting). A malformed URL is fatal.
+async fn connect_ledger(url: &str) -> Result<LedgerDb, ledger::LedgerError> {
+    loop {
+        match LedgerDb::connect(url).await {
+            Ok(db) => return Ok(db),
+            Err(ledger::LedgerError::Sql(e)) if !matches!(e, sqlx::Error::Configuration(_)) => {
+                tracing::warn!(error = %e, "ledger database unreachable at start-up; retrying in 1s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What the service decides with, once connected.
+struct Backends {
+    store: Arc<AnyStore>,
+    backend: &'static str,
+    ledger: Option<Arc<Ledger>>,
+}
+
+/// Counter store, then ledger: waits for each while it is unreachable.
+async fn connect_backends(args: &Args) -> Result<Backends, Box<dyn std::error::Error>> {
+    let (store, backend) = match &args.redis_url {
+        Some(url) => {
+            let timeout = Duration::from_millis(args.redis_timeout_ms.max(1));
+            let redis = connect_redis(url, timeout).await?;
+            let backend = if redis.is_cluster() {
+                "redis cluster"
+            } else {
+                "redis"
+            };
+            (AnyStore::Redis(redis), backend)
+        }
+        None => (AnyStore::Memory(MemoryStore::new()), "in-memory"),
+    };
+    let ledger = match &args.ledger_url {
+        Some(url) => {
+            let db = connect_ledger(url).await?;
+            let ledger = Ledger::open(&args.ledger_buffer, db).await?;
+            tracing::info!(buffer = %args.ledger_buffer.display(), source = ledger.source(), "budget ledger on");
+            Some(Arc::new(ledger))
+        }
+        None => None,
+    };
+    Ok(Backends {
+        store: Arc::new(store),
+        backend,
+        ledger,
+    })
+}
+
+/// `GET /ledger/drift`: 503 until the store and the ledger are connected.
+fn drift_report(
+    connected: Arc<OnceLock<(Arc<AnyStore>, Arc<Ledger>)>>,
+) -> tollgate_ratelimit::metrics::DriftReport {
+    Arc::new(move || {
+        let connected = Arc::clone(&connected);
+        Box::pin(async move {
+            let (store, ledger) = connected
+                .get()
+                .ok_or("starting: counter store or ledger not connected yet")?;
+            let report = ledger::reconcile(&**store, ledger.db(), ledger::unix_micros())
+                .await
+                .map_err(|e| e.to_string())?;
+            serde_json::to_string(&report).map_err(|e| e.to_string())
+        })
+    })
+}
+
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    health.set_service_status("", status).await;
+    health
+        .set_service_status("envoy.service.ratelimit.v3.RateLimitService", status)
+        .await;
+}
+
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(Cmd::Reconcile { max_drift }) = &args.command {
         return reconcile(&args, *max_drift).await;
@@ -237,50 +330,19 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         None => (Arc::new(SharedConfig::new(Config::default())), None),
     };
-    let (store, backend) = match &args.redis_url {
-        Some(url) => {
-            let timeout = Duration::from_millis(args.redis_timeout_ms.max(1));
-            let redis = connect_redis(url, timeout).await?;
-            let backend = if redis.is_cluster() {
-                "redis cluster"
-            } else {
-                "redis"
-            };
-            (AnyStore::Redis(redis), backend)
-        }
-        None => (AnyStore::Memory(MemoryStore::new()), "in-memory"),
-    };
+    if let Some(url) = &args.redis_url {
+        check_redis_url(url)?;
+    }
 
-    let store = Arc::new(store);
-    let ledger = match &args.ledger_url {
-        Some(url) => {
-            let db = LedgerDb::connect(url).await?;
-            let ledger = Ledger::open(&args.ledger_buffer, db).await?;
-            tracing::info!(buffer = %args.ledger_buffer.display(), source = ledger.source(), "budget ledger on");
-            Some(Arc::new(ledger))
-        }
-        None => None,
-    };
-    let drift: Option<tollgate_ratelimit::metrics::DriftReport> = ledger.as_ref().map(|l| {
-        let (store, ledger) = (Arc::clone(&store), Arc::clone(l));
-        let report: tollgate_ratelimit::metrics::DriftReport = Arc::new(move || {
-            let (store, ledger) = (Arc::clone(&store), Arc::clone(&ledger));
-            Box::pin(async move {
-                let report = ledger::reconcile(&*store, ledger.db(), ledger::unix_micros())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                serde_json::to_string(&report).map_err(|e| e.to_string())
-            })
-        });
-        report
-    });
+    // Both ports are bound before the counter store is awaited: /healthz answers (a Redis
+    // outage at start-up is not a dead process), /readyz and grpc.health.v1 say not ready,
+    // and every ShouldRateLimit is UNAVAILABLE until the store answers (fail closed).
     let metrics = Arc::new(tollgate_ratelimit::metrics::Metrics::new()?);
-    let (health, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(readiness_loop(
-        Arc::clone(&store),
-        Arc::clone(&metrics),
-        health,
-    ));
+    let connected = Arc::new(OnceLock::new());
+    let drift = args
+        .ledger_url
+        .as_ref()
+        .map(|_| drift_report(Arc::clone(&connected)));
     let http = TcpListener::bind(args.http_listen).await?;
     println!("HTTP {}", http.local_addr()?);
     tokio::spawn(tollgate_ratelimit::metrics::serve(
@@ -291,22 +353,43 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let listener = TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
-    println!("LISTENING {addr}");
-    tracing::info!(%addr, counters = backend, "tollgate-ratelimit serving RLS v3");
-    let mut service = RlsService::new(store, shared)
-        .with_metrics(metrics)
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, false).await;
+    let gate = StartupGate::new(Some(Arc::clone(&metrics)));
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(RateLimitServiceServer::new(gate.clone()))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown_signal(),
+            ),
+    );
+
+    let backends = tokio::select! {
+        b = connect_backends(&args) => b?,
+        // SIGTERM while waiting for the store: nothing was admitted, nothing to flush.
+        served = &mut server => return Ok(served??),
+    };
+    let Backends {
+        store,
+        backend,
+        ledger,
+    } = backends;
+    let mut service = RlsService::new(Arc::clone(&store), shared)
+        .with_metrics(Arc::clone(&metrics))
         .with_lease_ttl(Duration::from_millis(args.lease_ttl_ms.max(1)));
     if let Some(l) = &ledger {
         service = service.with_ledger(Arc::clone(l));
+        let _ = connected.set((Arc::clone(&store), Arc::clone(l)));
     }
-    tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(RateLimitServiceServer::new(service))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown_signal(),
-        )
-        .await?;
+    gate.open(service);
+    // Ready (HTTP and gRPC health) from the first store check that succeeds.
+    tokio::spawn(readiness_loop(store, Arc::clone(&metrics), health));
+    println!("LISTENING {addr}");
+    tracing::info!(%addr, counters = backend, "tollgate-ratelimit serving RLS v3");
+
+    let served = server.await;
     // In-flight calls are answered; what the ledger buffered goes to the database now (what
     // cannot, stays in the buffer for the next start).
     if let Some(l) = &ledger {
@@ -315,5 +398,5 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             Err(e) => tracing::warn!(error = %e, "ledger not flushed; kept in the buffer"),
         }
     }
-    Ok(())
+    Ok(served??)
 }

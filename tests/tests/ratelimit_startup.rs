@@ -1,0 +1,181 @@
+//! tollgate-ratelimit started while Redis is down: alive at once (the HTTP side port answers
+//! /healthz, so a liveness probe does not kill it), not ready (/readyz 503, grpc.health.v1
+//! NOT_SERVING), and admitting nothing (every ShouldRateLimit is UNAVAILABLE) until Redis
+//! answers; then ready and deciding, with no restart.
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
+    Entry, RateLimitOverride,
+};
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tollgate_e2e::http;
+use tollgate_e2e::paths;
+use tollgate_e2e::process::{free_port, Proc};
+use tollgate_e2e::redis::Redis;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const RLS_SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+
+/// One request a minute for key `k1`, as Envoy sends it with tollgate-authz's override.
+fn one_per_minute() -> RateLimitRequest {
+    RateLimitRequest {
+        domain: "tollgate".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![Entry {
+                key: "key_id".into(),
+                value: "k1".into(),
+            }],
+            limit: Some(RateLimitOverride {
+                requests_per_unit: 1,
+                unit: 2, // MINUTE
+            }),
+            ..Default::default()
+        }],
+        hits_addend: 0,
+    }
+}
+
+async fn health(channel: &Channel, service: &str) -> Result<i32, tonic::Status> {
+    HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+}
+
+async fn decide(channel: &Channel) -> Result<i32, tonic::Status> {
+    RateLimitServiceClient::new(channel.clone())
+        .should_rate_limit(one_per_minute())
+        .await
+        .map(|r| r.into_inner().overall_code)
+}
+
+fn status(port: u16, path: &str) -> Result<u16, String> {
+    http::get(port, path, &[]).map(|r| r.status)
+}
+
+#[test]
+fn ratelimit_started_during_a_redis_outage_is_alive_not_ready_and_admits_nothing_until_redis_answers(
+) {
+    let mut redis = Redis::start().unwrap_or_else(|e| panic!("redis: {e}"));
+    redis.stop_server();
+    let dir = std::env::temp_dir().join(format!("tollgate-rls-startup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let grpc_port = free_port();
+    let mut cmd = Command::new(paths::binary("tollgate-ratelimit"));
+    cmd.args(["--listen", &format!("127.0.0.1:{grpc_port}")])
+        .args(["--http-listen", "127.0.0.1:0"])
+        .args(["--redis-url", &redis.url()])
+        // As deployed: counters in Redis or nothing.
+        .args(["--profile", "foundation"])
+        .env("RUST_LOG", "info");
+    let mut rls = Proc::spawn("tollgate-ratelimit", cmd, &dir).unwrap_or_else(|e| panic!("{e}"));
+    let http_addr = rls
+        .wait_for_line("HTTP ", Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let http_port: u16 = http_addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("HTTP {http_addr}"));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let channel = rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
+                .unwrap_or_else(|e| panic!("{e}"))
+                .connect()
+                .await
+            {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("gRPC port {grpc_port} never accepted: {e}"),
+            }
+        }
+    });
+
+    // Several of the service's one-second Redis retries: alive all along, never ready,
+    // nothing admitted.
+    let outage_until = Instant::now() + Duration::from_secs(3);
+    let mut refused = 0;
+    while Instant::now() < outage_until {
+        assert!(
+            rls.alive(),
+            "{}",
+            rls.failure("exited while Redis was down")
+        );
+        assert_eq!(status(http_port, "/healthz"), Ok(200), "liveness");
+        assert_eq!(status(http_port, "/readyz"), Ok(503), "readiness");
+        rt.block_on(async {
+            for service in ["", RLS_SERVICE] {
+                assert_eq!(
+                    health(&channel, service).await.map_err(|s| s.code()),
+                    Ok(ServingStatus::NotServing as i32),
+                    "grpc.health.v1 {service:?} while Redis is down"
+                );
+            }
+            let e = decide(&channel)
+                .await
+                .expect_err("no decision before the counters answer");
+            assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        });
+        refused += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !rls.log_text().contains("LISTENING"),
+        "LISTENING means deciding: {}",
+        rls.log_text()
+    );
+    let metrics = http::get(http_port, "/metrics", &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        metrics.text().contains(&format!(
+            "tollgate_ratelimit_decisions_total{{result=\"unavailable\"}} {refused}"
+        )),
+        "every refusal is counted as unavailable:\n{}",
+        metrics.text()
+    );
+
+    // Redis comes up: ready within a few seconds, on the same process.
+    redis.start_server().unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(http_port, "/readyz") != Ok(200) {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            rls.failure("not ready after Redis came up")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rls.wait_for_line("LISTENING ", Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status(http_port, "/healthz"), Ok(200));
+    rt.block_on(async {
+        for service in ["", RLS_SERVICE] {
+            assert_eq!(
+                health(&channel, service).await.map_err(|s| s.code()),
+                Ok(ServingStatus::Serving as i32),
+                "grpc.health.v1 {service:?} once Redis answers"
+            );
+        }
+        // The refusals consumed nothing: the one request of the minute is still there.
+        assert_eq!(decide(&channel).await.ok(), Some(Code::Ok as i32));
+        assert_eq!(decide(&channel).await.ok(), Some(Code::OverLimit as i32));
+    });
+    rls.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
