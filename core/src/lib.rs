@@ -6,3 +6,4 @@ pub mod error_body;
 pub mod metadata;
 pub mod model_pattern;
 pub mod operation;
+pub mod usd;

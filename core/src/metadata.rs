@@ -22,6 +22,19 @@ pub const KEY_BUDGET_DAY: &str = "key_budget_day";
 pub const TENANT_BUDGET_DAY: &str = "tenant_budget_day";
 pub const KEY_BUDGET_MONTH: &str = "key_budget_month";
 pub const TENANT_BUDGET_MONTH: &str = "tenant_budget_month";
+/// USD budgets, in the same shape; `requests_per_unit` counts `crate::usd` units
+/// (1/10000 USD), so the largest budget is `u32::MAX` units, $429,496.7295 per period.
+pub const KEY_BUDGET_USD_DAY: &str = "key_budget_usd_day";
+pub const TENANT_BUDGET_USD_DAY: &str = "tenant_budget_usd_day";
+pub const KEY_BUDGET_USD_MONTH: &str = "key_budget_usd_month";
+pub const TENANT_BUDGET_USD_MONTH: &str = "tenant_budget_usd_month";
+/// Every USD budget name: the filter refuses an unpriced model for a caller with any of them.
+pub const USD_BUDGETS: [&str; 4] = [
+    KEY_BUDGET_USD_DAY,
+    TENANT_BUDGET_USD_DAY,
+    KEY_BUDGET_USD_MONTH,
+    TENANT_BUDGET_USD_MONTH,
+];
 /// `"1"` when the key's tenant opted in to prompt logging.
 pub const PROMPT_LOG: &str = "prompt_log";
 /// Max concurrent requests of a key, shaped like the other limits
@@ -37,6 +50,12 @@ pub const DESCRIPTOR_PHASE: &str = "tollgate_phase";
 pub const PHASE_TOKENS: &str = "tokens";
 pub const PHASE_TOKENS_EXTRA: &str = "tokens_extra";
 pub const PHASE_TOKENS_REFUND: &str = "tokens_refund";
+
+/// Descriptor entry naming what a `tollgate_phase` counter counts when it is not tokens:
+/// `usd` counts cost in `crate::usd` units. Its presence makes a counter (and its Redis key)
+/// distinct from the token counter of the same key and limit.
+pub const DESCRIPTOR_UNIT: &str = "tollgate_unit";
+pub const UNIT_USD: &str = "usd";
 
 /// Concurrency: `lease` (at admission) takes one of the key's `key_max_concurrent` slots
 /// under the request id, `release` (at stream end) gives it back. A lease also expires on
@@ -75,6 +94,13 @@ pub const FILTER_STATE_RESERVATION: &str = "tollgate_req";
 /// (refunded). One of the two is 0.
 pub const FILTER_STATE_TOKENS_EXTRA: &str = "tollgate_tokens_extra";
 pub const FILTER_STATE_TOKENS_REFUND: &str = "tollgate_tokens_refund";
+/// Cost in `crate::usd` units (1/10000 USD), set when the model has a price: reserved at
+/// admission (prompt estimate at the input price plus the completion budget at the output
+/// price), used at stream end, and the debit beyond / refund of the reservation.
+pub const FILTER_STATE_COST_RESERVATION: &str = "tollgate_cost_req";
+pub const FILTER_STATE_COST: &str = "tollgate_cost";
+pub const FILTER_STATE_COST_EXTRA: &str = "tollgate_cost_extra";
+pub const FILTER_STATE_COST_REFUND: &str = "tollgate_cost_refund";
 /// The request body of an opted-in tenant's request (capped), for the prompt log.
 pub const FILTER_STATE_PROMPT: &str = "tollgate_prompt";
 

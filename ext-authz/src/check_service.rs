@@ -76,8 +76,8 @@ fn limit_value(n: u64, unit: &str) -> Value {
     }
 }
 
-fn insert_limits(fields: &mut HashMap<String, Value>, l: &Limits, names: [&str; 4]) {
-    let [rpm, tpm, day, month] = names;
+fn insert_limits(fields: &mut HashMap<String, Value>, l: &Limits, names: [&str; 6]) {
+    let [rpm, tpm, day, month, usd_day, usd_month] = names;
     if let Some(n) = l.rpm {
         fields.insert(rpm.into(), limit_value(n.into(), "MINUTE"));
     }
@@ -89,6 +89,15 @@ fn insert_limits(fields: &mut HashMap<String, Value>, l: &Limits, names: [&str; 
     }
     if let Some(n) = l.budget_month {
         fields.insert(month.into(), limit_value(n, "MONTH"));
+    }
+    // Envoy reads requests_per_unit as a uint32: a larger stored budget (written past
+    // tollgate-admin's check) is capped there, never wrapped to a small one.
+    let usd = |n: u64| n.min(tollgate_core::usd::MAX_BUDGET_UNITS);
+    if let Some(n) = l.budget_usd_day {
+        fields.insert(usd_day.into(), limit_value(usd(n), "DAY"));
+    }
+    if let Some(n) = l.budget_usd_month {
+        fields.insert(usd_month.into(), limit_value(usd(n), "MONTH"));
     }
 }
 
@@ -103,7 +112,14 @@ pub fn identity_metadata(id: &Identity) -> Struct {
     insert_limits(
         &mut fields,
         &id.policy.key_limits,
-        [KEY_RPM, KEY_TPM, KEY_BUDGET_DAY, KEY_BUDGET_MONTH],
+        [
+            KEY_RPM,
+            KEY_TPM,
+            KEY_BUDGET_DAY,
+            KEY_BUDGET_MONTH,
+            KEY_BUDGET_USD_DAY,
+            KEY_BUDGET_USD_MONTH,
+        ],
     );
     insert_limits(
         &mut fields,
@@ -113,6 +129,8 @@ pub fn identity_metadata(id: &Identity) -> Struct {
             TENANT_TPM,
             TENANT_BUDGET_DAY,
             TENANT_BUDGET_MONTH,
+            TENANT_BUDGET_USD_DAY,
+            TENANT_BUDGET_USD_MONTH,
         ],
     );
     if id.log_prompts {
@@ -284,6 +302,7 @@ mod tests {
             limits: Limits {
                 rpm: Some(100),
                 tpm: Some(5000),
+                budget_usd_month: Some(4_000_000),
                 ..Default::default()
             },
             ..Default::default()
@@ -292,6 +311,7 @@ mod tests {
             limits: Limits {
                 rpm: Some(3),
                 budget_day: Some(10_000),
+                budget_usd_day: Some(125_000),
                 max_concurrent: Some(2),
                 ..Default::default()
             },
@@ -337,12 +357,31 @@ mod tests {
         assert_eq!(limit(&md["tenant_tpm"]), (5000.0, "MINUTE".into()));
         assert_eq!(limit(&md["key_budget_day"]), (10_000.0, "DAY".into()));
         assert_eq!(limit(&md["key_max_concurrent"]), (2.0, "MINUTE".into()));
+        // USD budgets in 1/10000 USD: $12.50 a day for the key, $400 a month for the tenant.
+        assert_eq!(limit(&md["key_budget_usd_day"]), (125_000.0, "DAY".into()));
+        assert_eq!(
+            limit(&md["tenant_budget_usd_month"]),
+            (4_000_000.0, "MONTH".into())
+        );
+        assert!(!md.contains_key("tenant_budget_usd_day"));
+        assert!(!md.contains_key("key_budget_usd_month"));
         assert!(!md.contains_key("key_tpm"));
         let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
             panic!("ok response expected")
         };
         assert!(ok.headers_to_remove.contains(&"authorization".to_string()));
         assert!(ok.headers_to_remove.contains(&"x-api-key".to_string()));
+    }
+
+    #[test]
+    fn usd_budget_above_what_envoy_can_carry_is_capped_not_wrapped() {
+        let mut id = identity();
+        id.policy.key_limits.budget_usd_day = Some(u64::from(u32::MAX) + 10);
+        let md = identity_metadata(&id).fields;
+        assert_eq!(
+            limit(&md["key_budget_usd_day"]),
+            (f64::from(u32::MAX), "DAY".into())
+        );
     }
 
     #[test]

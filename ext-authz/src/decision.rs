@@ -37,7 +37,8 @@ pub struct Denial {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Allow(Identity),
+    /// Boxed: an identity (with its key and tenant limits) is far larger than a denial.
+    Allow(Box<Identity>),
     Deny(Denial),
 }
 
@@ -201,7 +202,7 @@ impl Authorizer {
         let op = Operation::of_path(req.path);
         match self.identify(req, ip).await {
             Ok(identity) => match permit(&identity, op, ip) {
-                Ok(()) => Outcome::Allow(identity),
+                Ok(()) => Outcome::Allow(Box::new(identity)),
                 Err(d) => Outcome::Deny(d),
             },
             Err(d) => Outcome::Deny(d),

@@ -32,6 +32,9 @@ pub struct Limits {
     pub tpm: Option<u32>,
     pub budget_day: Option<u64>,
     pub budget_month: Option<u64>,
+    /// USD budgets in `tollgate_core::usd` units (1/10000 USD).
+    pub budget_usd_day: Option<u64>,
+    pub budget_usd_month: Option<u64>,
     pub max_concurrent: Option<u32>,
 }
 

@@ -14,6 +14,7 @@
 //!
 //! With `routing` (see `crate::routing` and docs/CONFIGURATION.md) the model picks the
 //! backend and its API instead; `upstream`, `routes` and `discovery` are then refused.
+//! `prices` (see `crate::pricing`) prices models for USD budgets.
 //! An empty configuration, or an omitted (or `null`) field, means that field's defaults below;
 //! an empty list means "none". Entries are normalised like request paths (see `path_guard`).
 //! Unknown fields are errors, so a typo cannot silently drop a block.
@@ -22,6 +23,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 use crate::path_guard::{BadEntry, Blocklist, EntryKind};
+use crate::pricing::{PriceMap, RawPrices};
 use crate::routing::{RawRouting, Routing};
 use crate::translate::{RequestOptions, Upstream};
 
@@ -75,6 +77,8 @@ pub struct Config {
     pub discovery: Option<DiscoveryConfig>,
     /// Model routing over several backends; `None` means one model server.
     pub routing: Option<Routing>,
+    /// Per-model prices for USD budgets; `None`: no model has a price.
+    pub prices: Option<PriceMap>,
 }
 
 /// The JSON shape, before validation.
@@ -90,6 +94,7 @@ struct PluginConfig {
     default_reservation_tokens: Option<u64>,
     discovery: Option<DiscoveryConfig>,
     routing: Option<RawRouting>,
+    prices: Option<RawPrices>,
 }
 
 /// Why a configuration was refused.
@@ -137,6 +142,7 @@ impl Default for Config {
             default_reservation_tokens: DEFAULT_RESERVATION_TOKENS,
             discovery: None,
             routing: None,
+            prices: None,
         }
     }
 }
@@ -198,6 +204,12 @@ impl Config {
             }
             None => None,
         };
+        let prices = match raw.prices {
+            Some(p) => Some(
+                PriceMap::from_raw(p).map_err(|e| ConfigError::Invalid(format!("prices: {e}")))?,
+            ),
+            None => None,
+        };
         let mut request_options = RequestOptions::default();
         if let Some(n) = raw.anthropic_max_tokens {
             request_options.anthropic_max_tokens = n;
@@ -213,6 +225,7 @@ impl Config {
                 .unwrap_or(DEFAULT_RESERVATION_TOKENS),
             discovery: raw.discovery,
             routing,
+            prices,
         })
     }
 
@@ -279,6 +292,28 @@ mod tests {
         assert!(config(r#"{"max_body_bytes":0}"#).is_err());
         assert!(config(r#"{"discovery":{"cluster":"m","path":"api/tags"}}"#).is_err());
         assert!(config(r#"{"discovery":{"cluster":"m","path":"/x","bogus":1}}"#).is_err());
+    }
+
+    #[test]
+    fn price_map_is_validated_at_load() {
+        let cfg = config(
+            r#"{"prices": {"models": [{"match": "gpt-4o-mini", "input_usd_per_mtok": 0.15,
+                                       "output_usd_per_mtok": 0.6}]}}"#,
+        )
+        .unwrap();
+        let prices = cfg.prices.unwrap();
+        assert_eq!(
+            prices.price_for("gpt-4o-mini").map(|p| p.output),
+            Some(6_000)
+        );
+        assert_eq!(prices.price_for("other"), None);
+        let err = config(
+            r#"{"prices": {"default": {"input_usd_per_mtok": -2, "output_usd_per_mtok": 1}}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("prices: default"), "{err}");
+        assert!(config(r#"{"prices": {}}"#).is_err());
+        assert!(config(r#"{"prices": {"model": []}}"#).is_err());
     }
 
     #[test]

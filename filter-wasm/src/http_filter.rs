@@ -9,6 +9,7 @@
 //! Log: publish the counted tokens and the model as filter state for the rate limiter's
 //! stream-done debit and the access log.
 
+use tollgate_core::usd::Price;
 use tollgate_core::{error_body, metadata};
 
 use crate::config::Config;
@@ -95,6 +96,9 @@ pub struct Stream {
     failed: bool,
     /// Tokens reserved at admission; `Some` only for requests that name a model.
     reserved: Option<u64>,
+    /// The model's price and the cost reserved at admission (usd units); `Some` only for
+    /// requests whose model has a price.
+    cost_reserved: Option<(Price, u64)>,
     /// The request path, kept while a routed request's body is read.
     routed_path: Option<String>,
 }
@@ -119,6 +123,7 @@ impl Default for Stream {
             received: 0,
             failed: false,
             reserved: None,
+            cost_reserved: None,
             routed_path: None,
         }
     }
@@ -136,6 +141,13 @@ fn authz_metadata(host: &impl Host, key: &str) -> Option<Vec<u8>> {
         metadata::AUTHZ_NAMESPACE,
         key,
     ])
+}
+
+/// Whether tollgate-authz gave the key or its tenant a USD budget.
+fn has_usd_budget(host: &impl Host) -> bool {
+    metadata::USD_BUDGETS
+        .iter()
+        .any(|name| authz_metadata(host, name).is_some())
 }
 
 /// The key's model allowlist; missing metadata allows nothing.
@@ -445,6 +457,18 @@ impl Stream {
                 }
                 Gate::Routed { target, .. } => target,
             };
+            let price = config.prices.as_ref().and_then(|p| p.price_for(model));
+            if price.is_none() && has_usd_budget(host) {
+                // Its cost could not be counted: admitting it would spend the budget unseen.
+                self.failed = true;
+                send_error(
+                    host,
+                    403,
+                    "model_not_priced",
+                    "this model has no price on this gateway and the key has a USD budget",
+                );
+                return Action::Pause;
+            }
             host.set_property(metadata::FILTER_STATE_MODEL, model);
             let opted_in =
                 authz_metadata(host, metadata::PROMPT_LOG).as_deref() == Some(b"1".as_slice());
@@ -463,9 +487,16 @@ impl Stream {
                     &parsed
                 }
             };
-            let reserve = head.reservation(body.len(), config.default_reservation_tokens);
+            let (prompt, completion) =
+                head.reservation_parts(body.len(), config.default_reservation_tokens);
+            let reserve = completion.saturating_add(prompt);
             host.set_property(metadata::FILTER_STATE_RESERVATION, &reserve.to_string());
             self.reserved = Some(reserve);
+            if let Some(price) = price {
+                let cost = price.cost(prompt, completion);
+                host.set_property(metadata::FILTER_STATE_COST_RESERVATION, &cost.to_string());
+                self.cost_reserved = Some((price, cost));
+            }
         }
         if let Some(path) = &translated.path {
             host.set_request_header(":path", Some(path));
@@ -647,7 +678,7 @@ impl Stream {
         let details = host
             .property(&["response", "code_details"])
             .unwrap_or_default();
-        let used = match details.as_slice() {
+        let (used, cost) = match details.as_slice() {
             b"via_upstream" => {
                 let (prompt, completion, reported) = match &self.response {
                     Response::Transcode(t) | Response::Listing { transcoder: t, .. } => {
@@ -661,15 +692,16 @@ impl Stream {
                 // Nothing reported (aborted stream, upstream without usage): the reservation
                 // stands, so an unreported response is never free.
                 if reported {
-                    prompt + completion
+                    let cost = self.cost_reserved.map(|(p, _)| p.cost(prompt, completion));
+                    (prompt + completion, cost)
                 } else {
-                    reserved
+                    (reserved, self.cost_reserved.map(|(_, c)| c))
                 }
             }
             // The rate limiter refused or failed: nothing was reserved.
             b"request_rate_limited" | b"rate_limiter_error" => return,
             // Admitted, then the upstream failed before answering: no tokens were used.
-            _ => 0,
+            _ => (0, self.cost_reserved.map(|_| 0)),
         };
         host.set_property(metadata::FILTER_STATE_TOKENS, &used.to_string());
         host.set_property(
@@ -680,6 +712,17 @@ impl Stream {
             metadata::FILTER_STATE_TOKENS_REFUND,
             &reserved.saturating_sub(used).to_string(),
         );
+        if let (Some((_, reserved)), Some(cost)) = (self.cost_reserved, cost) {
+            host.set_property(metadata::FILTER_STATE_COST, &cost.to_string());
+            host.set_property(
+                metadata::FILTER_STATE_COST_EXTRA,
+                &cost.saturating_sub(reserved).to_string(),
+            );
+            host.set_property(
+                metadata::FILTER_STATE_COST_REFUND,
+                &reserved.saturating_sub(cost).to_string(),
+            );
+        }
     }
 }
 
@@ -1152,6 +1195,110 @@ mod tests {
             "a refused request reserved nothing"
         );
         assert!(!host.state.contains_key("tollgate_tokens_refund"));
+    }
+
+    /// Ollama upstream with llama3* at $1 in / $3 out per million tokens, $2 / $4 by default.
+    fn priced(default: bool) -> Config {
+        let default = if default {
+            r#","default":{"input_usd_per_mtok":2,"output_usd_per_mtok":4}"#
+        } else {
+            ""
+        };
+        Config::from_json(
+            format!(
+                r#"{{"upstream":"ollama","prices":{{"models":[{{"match":"llama3*",
+                    "input_usd_per_mtok":1,"output_usd_per_mtok":3}}]{default}}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn with_usd_budget(mut host: FakeHost) -> FakeHost {
+        host.properties.insert(
+            "metadata/filter_metadata/envoy.filters.http.ext_authz/tenant_budget_usd_month".into(),
+            b"struct".to_vec(),
+        );
+        host
+    }
+
+    #[test]
+    fn priced_model_reserves_cost_and_settles_it_from_the_reported_usage() {
+        let config = priced(false);
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        // 400 bytes of body: a prompt estimate of 100 tokens, plus 1 000 000 completion tokens.
+        let body = format!(
+            r#"{{"model":"llama3.1:8b","stream":true,"max_tokens":1000000,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+            "x".repeat(400 - 100)
+        );
+        assert_eq!(body.len(), 400);
+        let (mut s, _) = send(&mut host, &config, &body, None);
+        // 100 × 10 000 + 1 000 000 × 30 000 micro-units, rounded up: 30 001 units.
+        assert_eq!(host.state["tollgate_cost_req"], "30001");
+        let lines: [&[u8]; 1] = [
+            br#"{"model":"llama3.1:8b","created_at":"2024-07-23T10:00:01Z","message":{"role":"assistant","content":"hi"},"done":true,"prompt_eval_count":3,"eval_count":2}
+"#,
+        ];
+        respond(&mut host, &mut s, "200", &lines, true);
+        s.on_log(&mut host, &config);
+        // 3 × 10 000 + 2 × 30 000 = 90 000 micro-units: rounded up to 1 unit, never free.
+        assert_eq!(host.state["tollgate_cost"], "1");
+        assert_eq!(host.state["tollgate_cost_extra"], "0");
+        assert_eq!(host.state["tollgate_cost_refund"], "30000");
+        assert_eq!(host.state["tollgate_tokens"], "5");
+    }
+
+    #[test]
+    fn unreported_usage_costs_the_reserved_amount_and_a_failed_upstream_nothing() {
+        let config = priced(false);
+        let body = r#"{"model":"llama3.1:8b","max_tokens":10,"messages":[]}"#;
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        let (mut s, _) = send(&mut host, &config, body, None);
+        let reserved = host.state["tollgate_cost_req"].clone();
+        respond(&mut host, &mut s, "200", &[b"{}"], true);
+        s.on_log(&mut host, &config);
+        assert_eq!(host.state["tollgate_cost"], reserved);
+        assert_eq!(host.state["tollgate_cost_refund"], "0");
+
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        let (mut s, _) = send(&mut host, &config, body, None);
+        host.properties
+            .insert("response/code_details".into(), b"upstream_reset".to_vec());
+        s.on_log(&mut host, &config);
+        assert_eq!(host.state["tollgate_cost"], "0");
+        assert_eq!(host.state["tollgate_cost_refund"], reserved);
+    }
+
+    #[test]
+    fn unpriced_model_is_refused_only_under_a_usd_budget_and_a_default_prices_it() {
+        let body = r#"{"model":"qwen2:0.5b","messages":[]}"#;
+        // No USD budget: passes, with no cost state (no USD counter to feed).
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        send(&mut host, &priced(false), body, None);
+        assert!(host.reply.is_none());
+        assert!(!host.state.contains_key("tollgate_cost_req"));
+        // A USD budget and no price: refused before the upstream, fail closed.
+        for config in [priced(false), ollama()] {
+            let mut host =
+                with_usd_budget(FakeHost::request("POST", "/v1/chat/completions").with_models("*"));
+            let (_, action) = send(&mut host, &config, body, None);
+            assert_eq!(action, Action::Pause);
+            assert_eq!(host.reply.as_ref().unwrap().status, 403);
+            assert_eq!(host.reply_json()["error"]["code"], "model_not_priced");
+            assert_eq!(
+                host.reply_header("x-tollgate-error"),
+                Some("model_not_priced")
+            );
+        }
+        // The default price covers it: 1024 default completion tokens at $4 = 4096 + the
+        // prompt estimate at $2, rounded up.
+        let mut host =
+            with_usd_budget(FakeHost::request("POST", "/v1/chat/completions").with_models("*"));
+        send(&mut host, &priced(true), body, None);
+        assert!(host.reply.is_none());
+        let prompt = body.len() as u64 / 4;
+        let want = (1024 * 40_000 + prompt * 20_000).div_ceil(1_000_000);
+        assert_eq!(host.state["tollgate_cost_req"], want.to_string());
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod discovery;
 pub mod http_filter;
 pub mod model_gate;
 pub mod path_guard;
+pub mod pricing;
 pub mod request_head;
 pub mod routing;
 pub mod stream;

@@ -40,6 +40,13 @@ impl RequestHead {
     /// `default_completion`, plus the prompt at about four bytes a token. Over-reserving only
     /// delays the next request until the stream-done debit refunds the difference.
     pub fn reservation(&self, body_len: usize, default_completion: u64) -> u64 {
+        let (prompt, completion) = self.reservation_parts(body_len, default_completion);
+        completion.saturating_add(prompt)
+    }
+
+    /// The reservation as (prompt estimate, completion budget): USD budgets price the two
+    /// at the model's input and output prices.
+    pub fn reservation_parts(&self, body_len: usize, default_completion: u64) -> (u64, u64) {
         let asked = self
             .max_completion_tokens
             .or(self.max_tokens)
@@ -48,7 +55,7 @@ impl RequestHead {
             Some(n) if n > 0 => n as u64,
             _ => default_completion,
         };
-        completion.saturating_add(body_len as u64 / 4)
+        (body_len as u64 / 4, completion)
     }
 }
 
@@ -70,6 +77,10 @@ mod tests {
         let b = r#"{"model":"m","max_tokens":7,"messages":[{"role":"user","content":"hi"}]}"#;
         assert_eq!(head(b).model.as_deref(), Some("m"));
         assert_eq!(head(b).reservation(b.len(), 1000), 7 + b.len() as u64 / 4);
+        assert_eq!(
+            head(b).reservation_parts(b.len(), 1000),
+            (b.len() as u64 / 4, 7)
+        );
         let b = r#"{"model":"m","max_tokens":7,"max_completion_tokens":9}"#;
         assert_eq!(head(b).reservation(0, 1000), 9);
         let b = r#"{"model":"m","options":{"num_predict":5,"temperature":1}}"#;

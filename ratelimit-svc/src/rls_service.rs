@@ -216,8 +216,18 @@ fn status_for(outcome: &Outcome, counts: Counts) -> DescriptorStatus {
 pub enum Counts {
     Requests,
     Tokens,
+    /// Cost in `tollgate_core::usd` units (a token-phase descriptor with `tollgate_unit=usd`).
+    Usd,
     /// Concurrent requests (leases).
     Concurrency,
+}
+
+/// A token-phase descriptor whose counter counts cost (`tollgate_unit=usd`), not tokens.
+/// The entry stays in the counter key, so it never shares a counter with tokens.
+fn counts_usd(d: &Descriptor<'_>) -> bool {
+    d.entries
+        .iter()
+        .any(|(k, v)| *k == metadata::DESCRIPTOR_UNIT && *v == metadata::UNIT_USD)
 }
 
 /// Token limits over a day or longer are budgets; shorter ones are rates (TPM).
@@ -233,6 +243,7 @@ fn refusal(counts: Counts, limit: &Limit) -> (&'static str, &'static str) {
         Counts::Requests => ("rate_limited", "request rate limit reached"),
         Counts::Tokens if is_budget(limit) => ("budget_exceeded", "token budget used up"),
         Counts::Tokens => ("tokens_exhausted", "token rate limit reached"),
+        Counts::Usd => ("budget_exceeded", "USD budget used up"),
         Counts::Concurrency => (
             "too_many_concurrent",
             "too many concurrent requests for this key",
@@ -279,7 +290,8 @@ pub fn response_for(decision: &Decision, counts: &[Counts], request_id: &str) ->
             Counts::Requests => &mut tightest_requests,
             Counts::Tokens if is_budget(&limit) => continue,
             Counts::Tokens => &mut tightest_tokens,
-            Counts::Concurrency => continue,
+            // Money is not a rate: no x-ratelimit-* figures.
+            Counts::Usd | Counts::Concurrency => continue,
         };
         if slot.is_none_or(|(_, t)| v.remaining < t.remaining) {
             *slot = Some((limit, v));
@@ -359,6 +371,8 @@ pub async fn decide<S: CounterStore>(
         .map(|d| {
             if d.lease.is_some() {
                 Counts::Concurrency
+            } else if d.tokens && counts_usd(d) {
+                Counts::Usd
             } else if d.tokens {
                 Counts::Tokens
             } else {
@@ -384,8 +398,9 @@ pub fn ledger_records(req: &RateLimitRequest, decision: &Decision, at_us: u64) -
         .iter()
         .zip(&decision.outcomes)
         .filter_map(|((d, _), o)| match o {
+            // The ledger holds tokens: a USD counter is not reconciled against it.
             Outcome::Counted { limit, .. }
-                if d.tokens && (d.debit || d.refund) && is_budget(limit) =>
+                if d.tokens && !counts_usd(d) && (d.debit || d.refund) && is_budget(limit) =>
             {
                 let (kind, id) = d.entries.first()?;
                 Some(CounterRef {
@@ -663,6 +678,87 @@ mod tests {
             None,
             "budgets are not TPM"
         );
+    }
+
+    /// A USD descriptor: a token descriptor of `phase` whose counter counts cost.
+    fn usd(phase: &str, n: u32, unit: i32, hits: u64) -> RateLimitDescriptor {
+        let mut d = tokens(phase, n, unit, hits);
+        d.entries.insert(2, entry("tollgate_unit", "usd"));
+        d
+    }
+
+    #[tokio::test]
+    async fn usd_budget_has_its_own_counter_and_is_refused_as_budget_exceeded() {
+        let store = MemoryStore::new();
+        let config = Config::default();
+        let decide_one = |ds: Vec<RateLimitDescriptor>| {
+            let req = request(ds);
+            let store = &store;
+            let config = &config;
+            async move { decide(store, config, &req, TTL).await.unwrap().0 }
+        };
+        // $0.01 a day (100 units) and, with the same figures, 100 tokens a day.
+        let r = decide_one(vec![
+            usd("tokens", 100, 4, 80),
+            tokens("tokens", 100, 4, 80),
+        ])
+        .await;
+        assert_eq!(r.overall_code, OK, "the two counters do not add up");
+        assert_eq!(header_value(&r, "x-ratelimit-limit-tokens"), None);
+        // The stream cost 30 of the 80 reserved: 50 come back, and 60 fit again.
+        decide_one(vec![usd("tokens_refund", 100, 4, 50)]).await;
+        assert_eq!(
+            decide_one(vec![usd("tokens", 100, 4, 60)])
+                .await
+                .overall_code,
+            OK
+        );
+        // It cost 75: 15 more are debited past the budget, never refused.
+        let r = decide_one(vec![usd("tokens_extra", 100, 4, 15)]).await;
+        assert_eq!(r.overall_code, OK);
+        let r = decide_one(vec![usd("tokens", 100, 4, 1)]).await;
+        assert_eq!(r.overall_code, OVER);
+        let body: serde_json::Value = serde_json::from_slice(&r.raw_body).unwrap();
+        assert_eq!(body["error"]["code"], "budget_exceeded");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with("USD budget used up"), "{message}");
+        assert_eq!(
+            header_value(&r, "x-tollgate-error").as_deref(),
+            Some("budget_exceeded")
+        );
+        assert!(header_value(&r, "retry-after").is_some());
+        // The token counter of the same key and limit was untouched by the USD calls.
+        let r = decide_one(vec![tokens("tokens", 100, 4, 20)]).await;
+        assert_eq!(r.overall_code, OK);
+        let r = decide_one(vec![tokens("tokens", 100, 4, 1)]).await;
+        let body: serde_json::Value = serde_json::from_slice(&r.raw_body).unwrap();
+        assert_eq!(
+            body["error"]["message"]
+                .as_str()
+                .map(|m| m.starts_with("token budget")),
+            Some(true)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_ledger_names_token_budget_counters_and_not_usd_ones() {
+        let store = MemoryStore::new();
+        let config = Config::default();
+        let mut usage = tokens("usage", 0, 4, 12);
+        usage.limit = None;
+        usage.entries.insert(1, entry("tenant_id", "t1"));
+        let req = request(vec![
+            usage,
+            tokens("tokens_refund", 1000, 4, 30),
+            usd("tokens_refund", 1000, 4, 30),
+        ]);
+        let (_, decision) = decide(&store, &config, &req, TTL).await.unwrap();
+        let records = ledger_records(&req, &decision, 1);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].tokens, 12);
+        let keys: Vec<&str> = records[0].counters.iter().map(|c| c.key.as_str()).collect();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert!(!keys[0].contains("usd"), "{keys:?}");
     }
 
     fn request(ds: Vec<RateLimitDescriptor>) -> RateLimitRequest {

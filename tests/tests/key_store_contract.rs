@@ -115,6 +115,8 @@ async fn contract(store: KeyStore) {
             tpm: Some(10_000),
             budget_day: Some(1_000_000),
             budget_month: None,
+            budget_usd_day: None,
+            budget_usd_month: Some(4_000_000),
             max_concurrent: None,
         },
     };
@@ -126,6 +128,7 @@ async fn contract(store: KeyStore) {
         limits: Limits {
             rpm: Some(5),
             max_concurrent: Some(2),
+            budget_usd_day: Some(125_000),
             ..Default::default()
         },
         ..Default::default()

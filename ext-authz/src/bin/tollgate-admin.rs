@@ -5,6 +5,7 @@ use serde_json::{json, Value};
 use tollgate_authz::api_key;
 use tollgate_authz::key_store::{KeyInfo, KeyStore, Scope, StoreError, Tenant};
 use tollgate_authz::policy::{self, PolicyRow};
+use tollgate_core::usd;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -179,10 +180,17 @@ enum PolicyCommand {
         budget_day: Option<u64>,
         #[arg(long)]
         budget_month: Option<u64>,
+        /// USD budget per day, in dollars (`12.50`; at most 4 decimals, at most 429496.7295),
+        /// charged at the filter's per-model prices.
+        #[arg(long, value_parser = tollgate_core::usd::parse_dollars)]
+        budget_usd_day: Option<u64>,
+        /// USD budget per month (30 days), in dollars.
+        #[arg(long, value_parser = tollgate_core::usd::parse_dollars)]
+        budget_usd_month: Option<u64>,
         #[arg(long)]
         max_concurrent: Option<u32>,
         /// Fields to clear (inherit / no limit): models, operations, ips, rpm, tpm,
-        /// budget-day, budget-month, max-concurrent.
+        /// budget-day, budget-month, budget-usd-day, budget-usd-month, max-concurrent.
         #[arg(long, value_delimiter = ',')]
         unset: Vec<String>,
     },
@@ -248,7 +256,9 @@ fn key_json(k: &KeyInfo) -> Value {
 fn policy_json(p: &PolicyRow) -> Value {
     json!({"models": p.models, "operations": p.operations, "ips": p.ips,
            "rpm": p.limits.rpm, "tpm": p.limits.tpm, "budget_day": p.limits.budget_day,
-           "budget_month": p.limits.budget_month, "max_concurrent": p.limits.max_concurrent})
+           "budget_month": p.limits.budget_month, "max_concurrent": p.limits.max_concurrent,
+           "budget_usd_day": p.limits.budget_usd_day.map(usd::format_dollars),
+           "budget_usd_month": p.limits.budget_usd_month.map(usd::format_dollars)})
 }
 
 async fn tenant_named(store: &KeyStore, name: &str) -> Res<Tenant> {
@@ -557,6 +567,8 @@ async fn run(cli: Cli) -> Res<()> {
                 tpm,
                 budget_day,
                 budget_month,
+                budget_usd_day,
+                budget_usd_month,
                 max_concurrent,
                 unset,
             } => {
@@ -587,6 +599,12 @@ async fn run(cli: Cli) -> Res<()> {
                 if budget_month.is_some() {
                     l.budget_month = budget_month;
                 }
+                if budget_usd_day.is_some() {
+                    l.budget_usd_day = budget_usd_day;
+                }
+                if budget_usd_month.is_some() {
+                    l.budget_usd_month = budget_usd_month;
+                }
                 if max_concurrent.is_some() {
                     l.max_concurrent = max_concurrent;
                 }
@@ -599,12 +617,19 @@ async fn run(cli: Cli) -> Res<()> {
                         "tpm" => row.limits.tpm = None,
                         "budget-day" => row.limits.budget_day = None,
                         "budget-month" => row.limits.budget_month = None,
+                        "budget-usd-day" => row.limits.budget_usd_day = None,
+                        "budget-usd-month" => row.limits.budget_usd_month = None,
                         "max-concurrent" => row.limits.max_concurrent = None,
                         other => return Err(format!("--unset: unknown field {other:?}").into()),
                     }
                 }
                 if [row.limits.rpm, row.limits.tpm, row.limits.max_concurrent].contains(&Some(0)) {
                     return Err("limits must be at least 1 (use --unset for no limit)".into());
+                }
+                if [row.limits.budget_usd_day, row.limits.budget_usd_month].contains(&Some(0)) {
+                    return Err(
+                        "USD budgets must be at least 0.0001 (use --unset for no limit)".into(),
+                    );
                 }
                 store.put_policy(scope, &id, &row).await?;
                 if j {
@@ -627,6 +652,10 @@ async fn run(cli: Cli) -> Res<()> {
                     };
                     let num =
                         |o: Option<u64>| o.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+                    let dollars = |o: Option<u64>| {
+                        o.map(|n| format!("{} USD", usd::format_dollars(n)))
+                            .unwrap_or_else(|| "-".into())
+                    };
                     let inherit = if scope == Scope::Key {
                         "(tenant's)"
                     } else {
@@ -642,6 +671,11 @@ async fn run(cli: Cli) -> Res<()> {
                             vec!["tpm".into(), num(row.limits.tpm.map(u64::from))],
                             vec!["budget_day".into(), num(row.limits.budget_day)],
                             vec!["budget_month".into(), num(row.limits.budget_month)],
+                            vec!["budget_usd_day".into(), dollars(row.limits.budget_usd_day)],
+                            vec![
+                                "budget_usd_month".into(),
+                                dollars(row.limits.budget_usd_month),
+                            ],
                             vec![
                                 "max_concurrent".into(),
                                 num(row.limits.max_concurrent.map(u64::from)),

@@ -414,16 +414,19 @@ impl KeyStore {
             tpm,
             budget_day,
             budget_month,
+            budget_usd_day,
+            budget_usd_month,
             max_concurrent,
         } = row.limits;
         on_pool!(&self.pool, |p| {
             sqlx::query(
-            "INSERT INTO policies (scope, subject_id, models, operations, ips, rpm, tpm, budget_day, budget_month, max_concurrent) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+            "INSERT INTO policies (scope, subject_id, models, operations, ips, rpm, tpm, budget_day, budget_month, max_concurrent, budget_usd_day, budget_usd_month) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
              ON CONFLICT (scope, subject_id) DO UPDATE SET models = excluded.models, \
              operations = excluded.operations, ips = excluded.ips, rpm = excluded.rpm, tpm = excluded.tpm, \
              budget_day = excluded.budget_day, budget_month = excluded.budget_month, \
-             max_concurrent = excluded.max_concurrent"
+             max_concurrent = excluded.max_concurrent, budget_usd_day = excluded.budget_usd_day, \
+             budget_usd_month = excluded.budget_usd_month"
         )
         .bind(scope.as_str())
         .bind(subject_id)
@@ -435,6 +438,8 @@ impl KeyStore {
         .bind(to_i64(budget_day))
         .bind(to_i64(budget_month))
         .bind(max_concurrent.map(i64::from))
+        .bind(to_i64(budget_usd_day))
+        .bind(to_i64(budget_usd_month))
         .execute(p)
         .await
         .map(|r| r.rows_affected())

@@ -52,7 +52,7 @@ pub const KEY_INFO_SELECT: &str =
      k.labels, k.created_at, k.expires_at, k.revoked_at, k.last_used_at, k.rotated_to \
      FROM api_keys k JOIN tenants t ON t.id = k.tenant_id";
 
-const POLICY_FIELDS: [&str; 9] = [
+const POLICY_FIELDS: [&str; 11] = [
     "models",
     "operations",
     "ips",
@@ -61,6 +61,8 @@ const POLICY_FIELDS: [&str; 9] = [
     "budget_day",
     "budget_month",
     "max_concurrent",
+    "budget_usd_day",
+    "budget_usd_month",
     "scope",
 ];
 
@@ -131,6 +133,8 @@ pub fn policy_row(r: &impl Cells, alias: &str) -> Result<Option<PolicyRow>, Stor
             tpm: count(r.opt_int(&c("tpm"))?),
             budget_day: count(r.opt_int(&c("budget_day"))?),
             budget_month: count(r.opt_int(&c("budget_month"))?),
+            budget_usd_day: count(r.opt_int(&c("budget_usd_day"))?),
+            budget_usd_month: count(r.opt_int(&c("budget_usd_month"))?),
             max_concurrent: count(r.opt_int(&c("max_concurrent"))?),
         },
     }))
