@@ -259,3 +259,23 @@ fn admin_sets_shows_and_unsets_usd_budgets_in_dollars() {
     assert_eq!(unset["budget_usd_day"], Value::Null);
     assert_eq!(unset["budget_usd_month"], "429496.7295");
 }
+
+#[test]
+fn the_documented_price_map_is_a_valid_filter_configuration() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = std::fs::read_to_string(root.join("docs/CONFIGURATION.md")).unwrap();
+    let shown = doc
+        .split("```json\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .find(|b| b.contains("\"prices\""))
+        .expect("docs/CONFIGURATION.md shows a price map");
+    let config = tollgate_filter::config::Config::from_json(shown.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let prices = config.prices.expect("prices");
+    let price = |m: &str| prices.price_for(m).map(|p| (p.input, p.output));
+    assert_eq!(price("gpt-4o-mini"), Some((1_500, 6_000)));
+    assert_eq!(price("gpt-4o"), Some((25_000, 100_000)));
+    assert_eq!(price("llama3.1:8b"), Some((0, 0)));
+    assert_eq!(price("mistral"), Some((10_000, 30_000)));
+}
