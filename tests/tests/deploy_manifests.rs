@@ -663,6 +663,7 @@ fn every_manifest_document_parses_and_names_itself() {
     }
     for kind in [
         "Deployment",
+        "StatefulSet",
         "Service",
         "PodDisruptionBudget",
         "AuthorizationPolicy",
@@ -708,13 +709,31 @@ fn containers(deployment: &Doc) -> &Vec<Value> {
     )
 }
 
-/// The Deployments in `namespace` whose pods `selector` selects.
-fn selected_deployments<'a>(
+/// What runs pods: Deployments and StatefulSets (tollgate-ratelimit, for its per-replica
+/// ledger volume).
+fn workloads(docs: &[Doc]) -> Vec<&Doc> {
+    docs.iter()
+        .filter(|d| ["Deployment", "StatefulSet"].contains(&d.kind()))
+        .collect()
+}
+
+/// The one Deployment or StatefulSet called `name`.
+fn workload<'a>(docs: &'a [Doc], name: &str) -> &'a Doc {
+    let found: Vec<&Doc> = workloads(docs)
+        .into_iter()
+        .filter(|d| d.name() == name)
+        .collect();
+    assert_eq!(found.len(), 1, "expected exactly one workload {name}");
+    found[0]
+}
+
+/// The workloads in `namespace` whose pods `selector` selects.
+fn selected_workloads<'a>(
     docs: &'a [Doc],
     namespace: &str,
     selector: &BTreeMap<String, String>,
 ) -> Vec<&'a Doc> {
-    of_kind(docs, "Deployment")
+    workloads(docs)
         .into_iter()
         .filter(|d| {
             d.namespace() == namespace
@@ -746,10 +765,10 @@ fn dockerfile_targets() -> BTreeSet<String> {
 #[test]
 fn deployments_run_two_hardened_replicas_with_probes_and_resources() {
     let docs = manifests();
-    let deployments = of_kind(&docs, "Deployment");
+    let deployments = workloads(&docs);
     let names: BTreeSet<&str> = deployments.iter().map(|d| d.name()).collect();
     for required in ["tollgate-authz", "tollgate-ratelimit", "tollgate-envoy"] {
-        assert!(names.contains(required), "no Deployment {required}");
+        assert!(names.contains(required), "no workload {required}");
     }
     let targets = dockerfile_targets();
     for d in deployments {
@@ -854,7 +873,7 @@ fn deployments_run_two_hardened_replicas_with_probes_and_resources() {
 #[test]
 fn database_redis_and_provider_credentials_come_from_secret_references() {
     let docs = manifests();
-    let authz = the(&docs, "Deployment", "tollgate-authz");
+    let authz = workload(&docs, "tollgate-authz");
     let c = &containers(authz)[0];
     let env: BTreeMap<&str, &Value> = seq(&c["env"], "env")
         .iter()
@@ -871,7 +890,7 @@ fn database_redis_and_provider_credentials_come_from_secret_references() {
         c["envFrom"][0]["secretRef"]["name"], "tollgate-provider-credentials",
         "provider credentials come from a Secret"
     );
-    let rls = &containers(the(&docs, "Deployment", "tollgate-ratelimit"))[0];
+    let rls = &containers(workload(&docs, "tollgate-ratelimit"))[0];
     let redis = seq(&rls["env"], "env")
         .iter()
         .find(|e| e["name"] == "TOLLGATE_REDIS_URL")
@@ -879,7 +898,7 @@ fn database_redis_and_provider_credentials_come_from_secret_references() {
     assert_eq!(redis["valueFrom"]["secretKeyRef"]["name"], "tollgate-redis");
     // No value anywhere looks like a secret; connection URLs (they carry passwords) come
     // from Secrets.
-    for d in of_kind(&docs, "Deployment") {
+    for d in workloads(&docs) {
         for c in containers(d) {
             for e in c["env"].as_sequence().into_iter().flatten() {
                 let name = str_of(&e["name"], "env name");
@@ -997,7 +1016,7 @@ fn assert_serves(binary: &str, extra: &[&str], paths: &[&str]) {
 fn service_probes_and_ports_match_what_the_binaries_serve() {
     let docs = manifests();
     for binary in ["tollgate-authz", "tollgate-ratelimit"] {
-        let d = the(&docs, "Deployment", binary);
+        let d = workload(&docs, binary);
         let at = d.at();
         let c = &containers(d)[0];
         assert_eq!(c["command"][0], binary, "{at}");
@@ -1095,11 +1114,11 @@ fn services_select_deployments_and_target_their_container_ports() {
     for s in of_kind(&docs, "Service") {
         let at = s.at();
         let matched =
-            selected_deployments(&docs, s.namespace(), &labels(&s.value["spec"]["selector"]));
+            selected_workloads(&docs, s.namespace(), &labels(&s.value["spec"]["selector"]));
         assert_eq!(
             matched.len(),
             1,
-            "{at}: selects {} Deployments",
+            "{at}: selects {} workloads",
             matched.len()
         );
         let ports: Vec<(Option<String>, u64)> = containers(matched[0])
@@ -1128,16 +1147,16 @@ fn services_select_deployments_and_target_their_container_ports() {
 #[test]
 fn pod_disruption_budgets_keep_one_replica_of_each_deployment() {
     let docs = manifests();
-    let deployments = of_kind(&docs, "Deployment");
+    let deployments = workloads(&docs);
     let mut covered = BTreeSet::new();
     for pdb in of_kind(&docs, "PodDisruptionBudget") {
         assert_eq!(pdb.value["spec"]["minAvailable"], 1, "{}", pdb.at());
         let selector = labels(&pdb.value["spec"]["selector"]["matchLabels"]);
-        let matched = selected_deployments(&docs, pdb.namespace(), &selector);
+        let matched = selected_workloads(&docs, pdb.namespace(), &selector);
         assert_eq!(
             matched.len(),
             1,
-            "{}: selects {} Deployments",
+            "{}: selects {} workloads",
             pdb.at(),
             matched.len()
         );
@@ -1150,6 +1169,127 @@ fn pod_disruption_budgets_keep_one_replica_of_each_deployment() {
             d.at()
         );
     }
+}
+
+/// The environment entry `name` of a container.
+fn env_entry<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    container["env"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == name)
+}
+
+#[test]
+fn ratelimit_ledger_buffer_is_on_a_per_replica_persistent_volume_and_its_database_a_secret() {
+    let docs = manifests();
+    let sts = the(&docs, "StatefulSet", "tollgate-ratelimit");
+    let at = sts.at();
+    let spec = &sts.value["spec"];
+    let c = &containers(sts)[0];
+    let flags = tollgate_e2e::service_flags::flags(&paths::binary("tollgate-ratelimit"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let env_of = |long: &str| {
+        flags
+            .iter()
+            .find(|f| f.long == long)
+            .and_then(|f| f.env.clone())
+            .unwrap_or_else(|| panic!("tollgate-ratelimit has no {long} read from the environment"))
+    };
+
+    // The ledger database comes from the Secret tollgate-authz's database URL comes from.
+    let url_var = env_of("--ledger-url");
+    let ledger_url = &env_entry(c, &url_var)
+        .unwrap_or_else(|| panic!("{at}: {url_var} is not set"))["valueFrom"]["secretKeyRef"];
+    let authz = &containers(workload(&docs, "tollgate-authz"))[0];
+    let authz_db = &env_entry(authz, "TOLLGATE_DATABASE_URL")
+        .expect("tollgate-authz's database URL")["valueFrom"]["secretKeyRef"];
+    assert!(
+        ledger_url["name"].is_string(),
+        "{at}: {url_var} from a Secret"
+    );
+    assert_eq!(
+        ledger_url, authz_db,
+        "{at}: {url_var} is the key store's database"
+    );
+
+    // The buffer is on a volume of the pod's own (a volumeClaimTemplate), not shared, not
+    // an emptyDir that a rescheduled pod would lose.
+    let buffer_var = env_of("--ledger-buffer");
+    let buffer = str_of(
+        &env_entry(c, &buffer_var).unwrap_or_else(|| panic!("{at}: {buffer_var} is not set"))
+            ["value"],
+        "buffer path",
+    );
+    assert!(buffer.starts_with('/'), "{at}: {buffer_var}={buffer}");
+    let mount = seq(&c["volumeMounts"], "volumeMounts")
+        .iter()
+        .filter(|m| Path::new(buffer).starts_with(str_of(&m["mountPath"], "mountPath")))
+        .max_by_key(|m| str_of(&m["mountPath"], "mountPath").len())
+        .unwrap_or_else(|| panic!("{at}: nothing is mounted at {buffer_var}={buffer}"));
+    assert_ne!(mount["readOnly"], Value::Bool(true), "{at}: {mount:?}");
+    let claim = mount["name"].clone();
+    let template = seq(&spec["volumeClaimTemplates"], "volumeClaimTemplates")
+        .iter()
+        .find(|t| t["metadata"]["name"] == claim)
+        .unwrap_or_else(|| panic!("{at}: {buffer} is on {claim:?}, not a volumeClaimTemplate"));
+    assert!(
+        spec["template"]["spec"]["volumes"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .all(|v| v["name"] != claim),
+        "{at}: a pod volume {claim:?} would hide the claim"
+    );
+    assert_eq!(
+        template["spec"]["accessModes"],
+        yaml("[ReadWriteOnce]", "access modes"),
+        "{at}: one pod's volume"
+    );
+    assert!(
+        template["spec"]["resources"]["requests"]["storage"].is_string(),
+        "{at}: the claim asks for storage"
+    );
+    assert_eq!(
+        spec["persistentVolumeClaimRetentionPolicy"]["whenScaled"], "Retain",
+        "{at}: a scaled-down replica's unflushed buffer is kept"
+    );
+    // The non-root user can write it, and has time to flush it at SIGTERM.
+    let pod = &spec["template"]["spec"];
+    assert_eq!(
+        pod["securityContext"]["fsGroup"], pod["securityContext"]["runAsGroup"],
+        "{at}: the volume is made writable for the service's group"
+    );
+    assert!(
+        u64_of(
+            &pod["terminationGracePeriodSeconds"],
+            "terminationGracePeriodSeconds"
+        ) >= 10,
+        "{at}: the ledger is flushed at SIGTERM"
+    );
+
+    // The StatefulSet's governing Service is the headless one that selects its pods, and
+    // replicas start and are replaced in parallel (they are interchangeable).
+    let governing = the(
+        &docs,
+        "Service",
+        str_of(&spec["serviceName"], "serviceName"),
+    );
+    assert_eq!(
+        governing.value["spec"]["clusterIP"],
+        "None",
+        "{}",
+        governing.at()
+    );
+    assert!(
+        selects(
+            &labels(&governing.value["spec"]["selector"]),
+            &labels(&spec["template"]["metadata"]["labels"])
+        ),
+        "{}: does not select {at}'s pods",
+        governing.at()
+    );
+    assert_eq!(spec["podManagementPolicy"], "Parallel", "{at}");
 }
 
 /// The Service `host` (`name.namespace.svc.cluster.local`) names, its port `port`, and the
@@ -1178,9 +1318,9 @@ fn assert_service_runs(docs: &[Doc], host: &str, port: u64, command: &str) {
         "{}: the mesh needs a ClusterIP Service (a headless one becomes ORIGINAL_DST)",
         svc.at()
     );
-    let dep = *selected_deployments(docs, ns, &labels(&svc.value["spec"]["selector"]))
+    let dep = *selected_workloads(docs, ns, &labels(&svc.value["spec"]["selector"]))
         .first()
-        .unwrap_or_else(|| panic!("{} selects no Deployment", svc.at()));
+        .unwrap_or_else(|| panic!("{} selects no workload", svc.at()));
     assert_eq!(
         containers(dep)[0]["command"][0],
         command,

@@ -310,3 +310,79 @@ fn compose_healthchecks_ask_the_services_readyz_where_the_binaries_serve_it() {
         "starts once Redis answers"
     );
 }
+
+/// The environment variable the binary reads `long` from, per its `--help`.
+fn env_of(flags: &[tollgate_e2e::service_flags::Flag], binary: &str, long: &str) -> String {
+    flags
+        .iter()
+        .find(|f| f.long == long)
+        .and_then(|f| f.env.clone())
+        .unwrap_or_else(|| panic!("{binary} has no {long} read from the environment"))
+}
+
+#[test]
+fn compose_ratelimit_records_usage_in_the_postgres_ledger_through_a_buffer_on_a_volume() {
+    let compose = yaml(&read("docker-compose.yml"));
+    let services = &compose["services"];
+    let rls = &services["tollgate-ratelimit"];
+    let flags = tollgate_e2e::service_flags::flags(&paths::binary("tollgate-ratelimit"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let url_var = env_of(&flags, "tollgate-ratelimit", "--ledger-url");
+    let buffer_var = env_of(&flags, "tollgate-ratelimit", "--ledger-buffer");
+
+    // The ledger is the postgres service's database, as its user, with its password.
+    let url = rls["environment"][url_var.as_str()]
+        .as_str()
+        .unwrap_or_else(|| panic!("tollgate-ratelimit: no {url_var}"));
+    let pg = &services["postgres"];
+    let (user, db) = (
+        pg["environment"]["POSTGRES_USER"].as_str().expect("user"),
+        pg["environment"]["POSTGRES_DB"].as_str().expect("db"),
+    );
+    let secret = pg["secrets"][0].as_str().expect("postgres password secret");
+    let password_var = compose["secrets"][secret]["environment"]
+        .as_str()
+        .expect("the password secret comes from the environment");
+    assert_eq!(
+        url,
+        format!("postgres://{user}:${{{password_var}}}@postgres:5432/{db}"),
+        "{url_var}"
+    );
+    assert_eq!(
+        rls["depends_on"]["postgres"]["condition"], "service_healthy",
+        "migrates the ledger at start: wait for PostgreSQL"
+    );
+
+    // The buffer is on a named volume (it must outlive the container), below its mount.
+    let buffer = rls["environment"][buffer_var.as_str()]
+        .as_str()
+        .unwrap_or_else(|| panic!("tollgate-ratelimit: no {buffer_var}"));
+    let declared = compose["volumes"].as_mapping().cloned().unwrap_or_default();
+    let mount = rls["volumes"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str()?.split_once(':'))
+        .find(|(_, target)| {
+            let target = target.split(':').next().unwrap_or(target);
+            std::path::Path::new(buffer).starts_with(target)
+        })
+        .unwrap_or_else(|| panic!("{buffer_var}={buffer} is on no volume of tollgate-ratelimit"));
+    assert!(
+        declared.contains_key(mount.0),
+        "{buffer_var}={buffer} is on {mount:?}, not a named volume"
+    );
+    assert!(
+        !mount.1.ends_with(":ro"),
+        "the ledger buffer is written: {mount:?}"
+    );
+    // A fresh named volume takes the ownership of the image's directory it is mounted on:
+    // the services image must create it for its user.
+    let dockerfile = read("Dockerfile");
+    assert!(
+        dockerfile.contains(&format!("mkdir -p {}", mount.1))
+            && dockerfile.contains(&format!("chown tollgate {}", mount.1)),
+        "the services image must make {} for the tollgate user",
+        mount.1
+    );
+}
