@@ -561,14 +561,26 @@ fn production_config_hardens_the_edge() {
         model["health_checks"][0]["http_health_check"]["path"], "/api/tags",
         "model server health check"
     );
-    assert!(
-        cluster(&config, "tollgate_authz")["health_checks"][0]["grpc_health_check"].is_mapping(),
-        "tollgate-authz serves grpc.health.v1 and is checked with it"
-    );
-    assert!(
-        cluster(&config, "tollgate_ratelimit")["health_checks"][0].is_mapping(),
-        "tollgate-ratelimit is health checked"
-    );
+    // Both services serve grpc.health.v1 (NOT_SERVING while their store does not answer):
+    // checked with it, not with TCP, which a replica without its store would pass.
+    for (name, service) in [
+        ("tollgate_authz", ""),
+        (
+            "tollgate_ratelimit",
+            "envoy.service.ratelimit.v3.RateLimitService",
+        ),
+    ] {
+        let checks = seq(&cluster(&config, name)["health_checks"], "health_checks");
+        assert_eq!(checks.len(), 1, "{name}: one health check");
+        let grpc = &checks[0]["grpc_health_check"];
+        assert!(grpc.is_mapping(), "{name} is checked with grpc.health.v1");
+        assert_eq!(
+            grpc["service_name"].as_str().unwrap_or(""),
+            service,
+            "{name}: a service name its binary reports"
+        );
+        assert!(checks[0]["tcp_health_check"].is_null(), "{name}");
+    }
 
     let monitors: Vec<&str> = seq(
         &config["overload_manager"]["resource_monitors"],
