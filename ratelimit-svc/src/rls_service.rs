@@ -384,23 +384,25 @@ pub async fn decide<S: CounterStore>(
 }
 
 /// The ledger records of a stream-done call: one per `usage` descriptor that used tokens,
-/// each naming the budget counters (day or longer) the same call debited or refunded.
+/// with the cost its `usage` + `tollgate_unit=usd` twin carries (0 without one: the model
+/// has no price), each naming the budget counters (day or longer, tokens and USD) the same
+/// call debited or refunded.
 pub fn ledger_records(req: &RateLimitRequest, decision: &Decision, at_us: u64) -> Vec<Record> {
     let parsed: Vec<(Descriptor<'_>, Option<&str>)> = req
         .descriptors
         .iter()
         .map(|d| parse_descriptor(d, req.hits_addend))
         .collect();
-    if !parsed.iter().any(|(d, _)| d.usage && d.hits > 0) {
+    let token_usage = |d: &Descriptor<'_>| d.usage && !counts_usd(d) && d.hits > 0;
+    if !parsed.iter().any(|(d, _)| token_usage(d)) {
         return Vec::new();
     }
     let counters: Vec<CounterRef> = parsed
         .iter()
         .zip(&decision.outcomes)
         .filter_map(|((d, _), o)| match o {
-            // The ledger holds tokens: a USD counter is not reconciled against it.
             Outcome::Counted { limit, .. }
-                if d.tokens && !counts_usd(d) && (d.debit || d.refund) && is_budget(limit) =>
+                if d.tokens && (d.debit || d.refund) && is_budget(limit) =>
             {
                 let (kind, id) = d.entries.first()?;
                 Some(CounterRef {
@@ -409,6 +411,7 @@ pub fn ledger_records(req: &RateLimitRequest, decision: &Decision, at_us: u64) -
                     subject_id: id.to_string(),
                     requests_per_unit: limit.requests_per_unit,
                     unit: limit.unit.name().to_string(),
+                    usd: counts_usd(d),
                 })
             }
             _ => None,
@@ -416,7 +419,7 @@ pub fn ledger_records(req: &RateLimitRequest, decision: &Decision, at_us: u64) -
         .collect();
     parsed
         .iter()
-        .filter(|(d, _)| d.usage && d.hits > 0)
+        .filter(|(d, _)| token_usage(d))
         .map(|(d, rid)| {
             let entry = |k: &str| {
                 d.entries
@@ -424,11 +427,17 @@ pub fn ledger_records(req: &RateLimitRequest, decision: &Decision, at_us: u64) -
                     .find(|(key, _)| *key == k)
                     .map_or(String::new(), |(_, v)| v.to_string())
             };
+            let cost_usd = parsed
+                .iter()
+                .filter(|(c, crid)| c.usage && counts_usd(c) && crid == rid)
+                .map(|(c, _)| c.hits)
+                .sum();
             Record {
                 request_id: rid.unwrap_or_default().to_string(),
                 key_id: entry(metadata::KEY_ID),
                 tenant_id: entry(metadata::TENANT_ID),
                 tokens: d.hits,
+                cost_usd,
                 at_us,
                 counters: counters.clone(),
             }
@@ -741,24 +750,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_ledger_names_token_budget_counters_and_not_usd_ones() {
+    async fn the_ledger_records_the_cost_and_marks_usd_counters() {
         let store = MemoryStore::new();
         let config = Config::default();
-        let mut usage = tokens("usage", 0, 4, 12);
-        usage.limit = None;
-        usage.entries.insert(1, entry("tenant_id", "t1"));
+        let usage = |tag: Option<&str>, hits| {
+            let mut d = tokens("usage", 0, 4, hits);
+            d.limit = None;
+            d.entries.insert(1, entry("tenant_id", "t1"));
+            if let Some(unit) = tag {
+                d.entries.insert(3, entry("tollgate_unit", unit));
+            }
+            d
+        };
         let req = request(vec![
-            usage,
+            usage(None, 12),
+            usage(Some("usd"), 102),
             tokens("tokens_refund", 1000, 4, 30),
             usd("tokens_refund", 1000, 4, 30),
         ]);
         let (_, decision) = decide(&store, &config, &req, TTL).await.unwrap();
         let records = ledger_records(&req, &decision, 1);
-        assert_eq!(records.len(), 1);
-        assert_eq!(records[0].tokens, 12);
-        let keys: Vec<&str> = records[0].counters.iter().map(|c| c.key.as_str()).collect();
-        assert_eq!(keys.len(), 1, "{keys:?}");
-        assert!(!keys[0].contains("usd"), "{keys:?}");
+        assert_eq!(records.len(), 1, "the cost is not a record of its own");
+        assert_eq!((records[0].tokens, records[0].cost_usd), (12, 102));
+        let counters: Vec<(bool, bool)> = records[0]
+            .counters
+            .iter()
+            .map(|c| (c.usd, c.key.contains("tollgate_unit=usd")))
+            .collect();
+        assert_eq!(counters, [(false, false), (true, true)]);
+        // An unpriced model: no cost descriptor, cost 0.
+        let req = request(vec![usage(None, 12)]);
+        let (_, decision) = decide(&store, &config, &req, TTL).await.unwrap();
+        assert_eq!(ledger_records(&req, &decision, 1)[0].cost_usd, 0);
     }
 
     fn request(ds: Vec<RateLimitDescriptor>) -> RateLimitRequest {

@@ -39,6 +39,7 @@ fn counter(subject: &str) -> CounterRef {
         subject_id: subject.into(),
         requests_per_unit: BUDGET.requests_per_unit,
         unit: "day".into(),
+        usd: false,
     }
 }
 
@@ -48,6 +49,7 @@ fn record(i: u64, key: &str, tokens: u64) -> Record {
         key_id: key.into(),
         tenant_id: "t1".into(),
         tokens,
+        cost_usd: 0,
         at_us: ledger::unix_micros(),
         counters: vec![counter(key)],
     }

@@ -4,9 +4,12 @@
 //! with `budget_exceeded` once the money is spent.
 
 use serde_json::{json, Value};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 use tollgate_e2e::http;
+use tollgate_e2e::process::free_port;
 use tollgate_e2e::stack::{Stack, StackOptions};
+use tollgate_ratelimit::ledger::LedgerDb;
 
 /// gpt-4o-mini at $100 per million input tokens (1 unit of 1/10000 USD a token) and $1000
 /// per million output tokens (10 units a token); every other model has no price.
@@ -15,12 +18,27 @@ const PRICES: &str = r#"{"prices": {"models": [{"match": "gpt-4o-mini",
 /// What the mock reports for a stream of 10 chunks: 2 prompt and 10 completion tokens.
 const COST_OF_A_STREAM: u64 = 2 + 10 * 10;
 
-fn start() -> Stack {
+fn start_with(ratelimit_args: Vec<String>) -> Stack {
     Stack::start(StackOptions {
         filter_config: PRICES.into(),
+        ratelimit_args,
         ..Default::default()
     })
     .unwrap_or_else(|e| panic!("stack did not start: {e}"))
+}
+
+fn start() -> Stack {
+    start_with(Vec::new())
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "tollgate-usd-{tag}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
 }
 
 fn body(model: &str) -> Value {
@@ -106,7 +124,14 @@ fn assert_usd_refusal(r: &http::Response) {
 
 #[test]
 fn key_usd_day_budget_refuses_after_the_priced_streams_it_can_pay_for() {
-    let stack = start();
+    let dir = temp_dir("ledger");
+    let ledger_url = format!("sqlite://{}", dir.join("ledger.db").display());
+    let stack = start_with(vec![
+        "--ledger-url".into(),
+        ledger_url.clone(),
+        "--ledger-buffer".into(),
+        dir.join("buffer").display().to_string(),
+    ]);
     let (key_id, key) = stack.create_key("acme", None).unwrap();
     // $0.05 = 500 units. A stream reserves ~225 and really costs 102: three fit
     // (306 spent + 225 > 500 refuses the fourth). Without the refund of unused
@@ -135,6 +160,38 @@ fn key_usd_day_budget_refuses_after_the_priced_streams_it_can_pay_for() {
         admitted,
         "the refused request reached the model server"
     );
+    // The ledger has each stream's tokens and cost, and the USD counter matches it.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(LedgerDb::connect(&ledger_url)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let rows = loop {
+        let rows = rt.block_on(db.usage("key_id", &key_id, 0)).unwrap();
+        if rows.len() >= admitted || Instant::now() > deadline {
+            break rows;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let got: Vec<(u64, u64)> = rows.iter().map(|r| (r.tokens, r.cost_usd)).collect();
+    assert_eq!(got, vec![(12, COST_OF_A_STREAM); admitted]);
+    let drift = http::get(stack.ratelimit_http_port, "/ledger/drift", &[]).unwrap();
+    assert_eq!(drift.status, 200, "{}", drift.text());
+    let report = drift.json();
+    let usd = report
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["subject_id"] == key_id.as_str() && d["measure"] == "usd")
+        .unwrap_or_else(|| panic!("no USD counter in {report}"))
+        .clone();
+    let spent = admitted as i64 * COST_OF_A_STREAM as i64;
+    assert!(
+        (usd["ledger_tokens"].as_i64().unwrap() - spent).abs() <= 1,
+        "{usd}"
+    );
+    assert!(usd["drift"].as_i64().unwrap().abs() <= 1, "{usd}");
+    drop(db);
+    let _ = std::fs::remove_dir_all(&dir);
+
     // The token budgets are other counters: a generous one changes nothing, and the USD
     // budget still refuses.
     stack

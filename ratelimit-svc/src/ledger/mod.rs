@@ -60,6 +60,9 @@ pub struct CounterRef {
     pub requests_per_unit: u32,
     /// `day`, `week`, `month` or `year`.
     pub unit: String,
+    /// A USD counter (`tollgate_unit=usd`): it counts cost in 1/10000 USD, not tokens.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub usd: bool,
 }
 
 /// The real usage of one stream.
@@ -69,6 +72,8 @@ pub struct Record {
     pub key_id: String,
     pub tenant_id: String,
     pub tokens: u64,
+    /// The stream's cost in 1/10000 USD (0 when its model has no price).
+    pub cost_usd: u64,
     /// Unix time in microseconds (the rate limiter's clock).
     pub at_us: u64,
     pub counters: Vec<CounterRef>,
@@ -83,8 +88,15 @@ pub(crate) struct Line {
     pub key_id: String,
     pub tenant_id: String,
     pub tokens: u64,
+    /// Absent in lines written before costs were recorded.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cost_usd: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub counters: Vec<CounterRef>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 pub fn unix_micros() -> u64 {
@@ -335,6 +347,7 @@ impl Writer {
                         key_id: r.key_id,
                         tenant_id: r.tenant_id,
                         tokens: r.tokens,
+                        cost_usd: r.cost_usd,
                         counters: r.counters,
                     });
                     self.next_seq += 1;

@@ -3,6 +3,9 @@
 //! full budget, in tokens) against the tokens the ledger's usage rows would leave in the
 //! same GCRA (replayed over the last two periods).
 //!
+//! A USD counter (`measure` `usd`) is compared with the rows' cost instead, and its
+//! `*_tokens` figures are in 1/10000 USD.
+//!
 //! Reading it: positive drift is usage the counter holds but the ledger does not, which is
 //! normally the reservations of streams still in flight; negative drift is usage the ledger
 //! has but the counter lost (a Redis flush or failover, a restarted in-memory store).
@@ -19,6 +22,8 @@ pub struct Drift {
     pub subject_id: String,
     pub requests_per_unit: u32,
     pub unit: String,
+    /// What the counter counts: `tokens`, or `usd` (then the figures below are 1/10000 USD).
+    pub measure: &'static str,
     /// Tokens the counter store holds for this counter now.
     pub counter_tokens: u64,
     /// Tokens the ledger's rows leave in the same counter now.
@@ -52,11 +57,13 @@ pub async fn reconcile<S: CounterStore>(
         let rows = db.usage(&c.subject_kind, &c.subject_id, since).await?;
         let mut tat = 0f64;
         for r in &rows {
-            tat = tat.max(r.at_us as f64) + r.tokens as f64 * interval_us;
+            let used = if c.usd { r.cost_usd } else { r.tokens };
+            tat = tat.max(r.at_us as f64) + used as f64 * interval_us;
         }
         let ledger_tokens = ((tat - now_us as f64).max(0.0) / interval_us).round() as u64;
         out.push(Drift {
             drift: counter_tokens as i64 - ledger_tokens as i64,
+            measure: if c.usd { "usd" } else { "tokens" },
             counter_key: c.counter_key,
             subject_kind: c.subject_kind,
             subject_id: c.subject_id,

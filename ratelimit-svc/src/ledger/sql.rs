@@ -26,6 +26,8 @@ pub struct UsageRow {
     pub key_id: String,
     pub tenant_id: String,
     pub tokens: u64,
+    /// In 1/10000 USD.
+    pub cost_usd: u64,
 }
 
 /// A budget counter the ledger has seen charged.
@@ -36,6 +38,17 @@ pub struct CounterRow {
     pub subject_id: String,
     pub requests_per_unit: u32,
     pub unit: String,
+    /// Counts cost in 1/10000 USD (`measure = 'usd'`), not tokens.
+    pub usd: bool,
+}
+
+/// `token_ledger_counters.measure` of a counter.
+fn measure(usd: bool) -> &'static str {
+    if usd {
+        "usd"
+    } else {
+        "tokens"
+    }
 }
 
 fn i64_of(v: u64) -> i64 {
@@ -64,7 +77,8 @@ macro_rules! insert_batch {
     ($db:ty, $pool:expr, $source:expr, $lines:expr) => {{
         let mut tx = $pool.begin().await?;
         let mut q = QueryBuilder::<$db>::new(
-            "INSERT INTO token_ledger (source, seq, at_us, request_id, key_id, tenant_id, tokens) ",
+            "INSERT INTO token_ledger \
+             (source, seq, at_us, request_id, key_id, tenant_id, tokens, cost_usd) ",
         );
         q.push_values($lines, |mut b, l| {
             b.push_bind($source)
@@ -73,7 +87,8 @@ macro_rules! insert_batch {
                 .push_bind(&l.request_id)
                 .push_bind(&l.key_id)
                 .push_bind(&l.tenant_id)
-                .push_bind(i64_of(l.tokens));
+                .push_bind(i64_of(l.tokens))
+                .push_bind(i64_of(l.cost_usd));
         });
         q.push(" ON CONFLICT (source, seq) DO NOTHING");
         q.build().execute(&mut *tx).await?;
@@ -81,7 +96,7 @@ macro_rules! insert_batch {
         if !counters.is_empty() {
             let mut q = QueryBuilder::<$db>::new(
                 "INSERT INTO token_ledger_counters \
-                 (counter_key, subject_kind, subject_id, requests_per_unit, unit, last_seen_us) ",
+                 (counter_key, subject_kind, subject_id, requests_per_unit, unit, last_seen_us, measure) ",
             );
             q.push_values(counters, |mut b, (key, (c, seen))| {
                 b.push_bind(key.to_string())
@@ -89,7 +104,8 @@ macro_rules! insert_batch {
                     .push_bind(c.subject_id.clone())
                     .push_bind(i64::from(c.requests_per_unit))
                     .push_bind(c.unit.clone())
-                    .push_bind(i64_of(seen));
+                    .push_bind(i64_of(seen))
+                    .push_bind(measure(c.usd));
             });
             q.push(" ON CONFLICT (counter_key) DO UPDATE SET last_seen_us = excluded.last_seen_us");
             q.build().execute(&mut *tx).await?;
@@ -161,7 +177,8 @@ impl LedgerDb {
         };
         let sql = |p: &str| {
             format!(
-                "SELECT source, seq, at_us, request_id, key_id, tenant_id, tokens FROM token_ledger \
+                "SELECT source, seq, at_us, request_id, key_id, tenant_id, tokens, cost_usd \
+                 FROM token_ledger \
                  WHERE {column} = {p}1 AND at_us >= {p}2 ORDER BY at_us, source, seq"
             )
         };
@@ -181,6 +198,7 @@ impl LedgerDb {
                         key_id: r.get("key_id"),
                         tenant_id: r.get("tenant_id"),
                         tokens: u64_of(r.get("tokens")),
+                        cost_usd: u64_of(r.get("cost_usd")),
                     })
                     .collect()
             };
@@ -193,7 +211,7 @@ impl LedgerDb {
 
     /// Every budget counter the ledger has seen charged.
     pub async fn counters(&self) -> Result<Vec<CounterRow>, LedgerError> {
-        let sql = "SELECT counter_key, subject_kind, subject_id, requests_per_unit, unit \
+        let sql = "SELECT counter_key, subject_kind, subject_id, requests_per_unit, unit, measure \
                    FROM token_ledger_counters ORDER BY counter_key";
         macro_rules! rows {
             ($pool:expr) => {
@@ -208,6 +226,7 @@ impl LedgerDb {
                         requests_per_unit: u32::try_from(r.get::<i64, _>("requests_per_unit"))
                             .unwrap_or(u32::MAX),
                         unit: r.get("unit"),
+                        usd: r.get::<String, _>("measure") == measure(true),
                     })
                     .collect()
             };
