@@ -97,6 +97,17 @@ impl Drop for Proc {
     }
 }
 
+/// A new directory under the system temp dir, unique to this process and call.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "tollgate-{tag}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    let _ = std::fs::create_dir_all(&d);
+    d
+}
+
 /// A free loopback port (bound, then released: good enough on a test machine).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

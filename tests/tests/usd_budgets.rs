@@ -4,10 +4,9 @@
 //! with `budget_exceeded` once the money is spent.
 
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tollgate_e2e::http;
-use tollgate_e2e::process::free_port;
+use tollgate_e2e::process::temp_dir;
 use tollgate_e2e::stack::{Stack, StackOptions};
 use tollgate_ratelimit::ledger::LedgerDb;
 
@@ -31,16 +30,6 @@ fn start() -> Stack {
     start_with(Vec::new())
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "tollgate-usd-{tag}-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn body(model: &str) -> Value {
     json!({"model": model, "stream": true, "max_tokens": 20,
            "messages": [{"role": "user", "content": "two words"}]})
@@ -61,13 +50,6 @@ fn stream(stack: &Stack, key: &str, model: &str) -> http::Response {
         &body(model),
     )
     .unwrap()
-}
-
-fn code(r: &http::Response) -> String {
-    r.json()["error"]["code"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// Streams until refused; returns how many were admitted and the refusal.
@@ -108,7 +90,7 @@ fn streamed_chats(stack: &Stack) -> usize {
 
 fn assert_usd_refusal(r: &http::Response) {
     assert_eq!(
-        (r.status, code(r)),
+        (r.status, r.error_code()),
         (429, "budget_exceeded".to_string()),
         "{}",
         r.text()
@@ -124,7 +106,7 @@ fn assert_usd_refusal(r: &http::Response) {
 
 #[test]
 fn key_usd_day_budget_refuses_after_the_priced_streams_it_can_pay_for() {
-    let dir = temp_dir("ledger");
+    let dir = temp_dir("usd-ledger");
     let ledger_url = format!("sqlite://{}", dir.join("ledger.db").display());
     let stack = start_with(vec![
         "--ledger-url".into(),
@@ -225,7 +207,7 @@ fn tenant_usd_month_budget_bounds_its_keys_and_unpriced_models_are_refused() {
     // Under a USD budget a model without a price is refused before the model server.
     let r = stream(&stack, &key_a, "llama3.1:8b");
     assert_eq!(
-        (r.status, code(&r)),
+        (r.status, r.error_code()),
         (403, "model_not_priced".to_string()),
         "{}",
         r.text()
