@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use tollgate_e2e::http;
 use tollgate_e2e::process::temp_dir;
+use tollgate_e2e::redis::Redis;
 use tollgate_e2e::stack::{Stack, StackOptions};
 use tollgate_ratelimit::ledger::LedgerDb;
 
@@ -317,4 +318,40 @@ fn the_documented_price_map_is_a_valid_filter_configuration() {
     assert_eq!(price("gpt-4o"), Some((25_000, 100_000)));
     assert_eq!(price("llama3.1:8b"), Some((0, 0)));
     assert_eq!(price("mistral"), Some((10_000, 30_000)));
+}
+
+#[test]
+fn usd_budget_on_redis_has_its_own_counter_key_and_refuses_the_same() {
+    let redis = Redis::start().unwrap_or_else(|e| panic!("redis did not start: {e}"));
+    let stack = start_with(vec!["--redis-url".into(), redis.url()]);
+    let (key_id, key) = stack.create_key("acme", None).unwrap();
+    stack
+        .admin(&[
+            "policy",
+            "set",
+            "--key",
+            &key_id,
+            "--budget-usd-day",
+            "0.05",
+            "--budget-day",
+            "100000",
+        ])
+        .unwrap();
+    let (admitted, refused) = until_refused(&stack, &key, 10);
+    assert_eq!(admitted, expected_admissions(500), "{}", stack.logs());
+    assert_usd_refusal(&refused);
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "--scan", "--pattern", "tg:*"])
+        .output()
+        .unwrap();
+    let keys = String::from_utf8_lossy(&out.stdout).into_owned();
+    let counter =
+        |tail: &str| format!("tg:{{tollgate|key_id={key_id}}}|tollgate_phase=tokens{tail}");
+    // The USD budget and the token budget of the key: two counters, told apart by the unit.
+    assert!(
+        keys.lines()
+            .any(|k| k == counter("|tollgate_unit=usd:500/day")),
+        "{keys}"
+    );
+    assert!(keys.lines().any(|k| k == counter(":100000/day")), "{keys}");
 }
