@@ -580,6 +580,11 @@ fn production_config_hardens_the_edge() {
             "{name}: a service name its binary reports"
         );
         assert!(checks[0]["tcp_health_check"].is_null(), "{name}");
+        // Envoy checks every 60 s while a cluster has had no traffic, unless told otherwise.
+        assert_eq!(
+            checks[0]["no_traffic_interval"], checks[0]["interval"],
+            "{name}: a replica is back within one interval, traffic or not"
+        );
     }
 
     let monitors: Vec<&str> = seq(

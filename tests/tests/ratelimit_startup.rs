@@ -1,7 +1,8 @@
 //! tollgate-ratelimit started while Redis is down: alive at once (the HTTP side port answers
 //! /healthz, so a liveness probe does not kill it), not ready (/readyz 503, grpc.health.v1
 //! NOT_SERVING), and admitting nothing (every ShouldRateLimit is UNAVAILABLE) until Redis
-//! answers; then ready and deciding, with no restart.
+//! answers; then ready and deciding, with no restart. A real Envoy health-checks it with the
+//! production template's `tollgate_ratelimit` cluster (grpc.health.v1) all along.
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
     Entry, RateLimitOverride,
@@ -62,6 +63,74 @@ fn status(port: u16, path: &str) -> Result<u16, String> {
     http::get(port, path, &[]).map(|r| r.status)
 }
 
+/// The `tollgate_ratelimit` cluster of envoy/envoy.production.yaml.tmpl, its health check
+/// included, pointed at `127.0.0.1:grpc_port` (the other placeholders do not matter here).
+fn production_ratelimit_cluster(grpc_port: u16) -> serde_yaml::Value {
+    let path = paths::workspace_root().join("envoy/envoy.production.yaml.tmpl");
+    let mut text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .replace("{{RLS_HOST}}", "127.0.0.1")
+        .replace("{{RLS_PORT}}", &grpc_port.to_string());
+    while let Some(start) = text.find("{{") {
+        let len = text[start..]
+            .find("}}")
+            .unwrap_or_else(|| panic!("unclosed placeholder"));
+        text.replace_range(start..start + len + 2, "1");
+    }
+    let config: serde_yaml::Value =
+        serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("production template: {e}"));
+    config["static_resources"]["clusters"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "tollgate_ratelimit")
+        .cloned()
+        .unwrap_or_else(|| panic!("no tollgate_ratelimit cluster in the production template"))
+}
+
+/// Envoy with nothing but that cluster and its admin API on `admin_port`.
+fn start_envoy(dir: &std::path::Path, grpc_port: u16, admin_port: u16) -> Proc {
+    let bootstrap = format!(
+        "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}\n\
+         static_resources:\n  clusters:\n  - {}\n",
+        serde_json::to_string(&production_ratelimit_cluster(grpc_port))
+            .unwrap_or_else(|e| panic!("{e}"))
+    );
+    let config = dir.join("envoy.yaml");
+    std::fs::write(&config, bootstrap).unwrap_or_else(|e| panic!("{e}"));
+    let mut cmd = Command::new(paths::envoy());
+    cmd.arg("-c").arg(&config).args([
+        "--disable-hot-restart",
+        "-l",
+        "warning",
+        "--concurrency",
+        "1",
+    ]);
+    Proc::spawn("envoy", cmd, dir).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Envoy's view of the one ratelimit host: `(health_flags, failed health checks)`, once the
+/// admin API answers.
+fn envoy_view(admin_port: u16) -> Option<(String, u64)> {
+    let clusters = http::get(admin_port, "/clusters", &[]).ok()?.text();
+    let flags = clusters
+        .lines()
+        .find_map(|l| l.split_once("::health_flags::"))
+        .map(|(_, f)| f.trim().to_string())?;
+    let stats = http::get(
+        admin_port,
+        "/stats?filter=^cluster\\.tollgate_ratelimit\\.health_check\\.failure$",
+        &[],
+    )
+    .ok()?
+    .text();
+    let failures = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cluster.tollgate_ratelimit.health_check.failure: "))
+        .and_then(|n| n.trim().parse().ok())?;
+    Some((flags, failures))
+}
+
 #[test]
 fn ratelimit_started_during_a_redis_outage_is_alive_not_ready_and_admits_nothing_until_redis_answers(
 ) {
@@ -86,6 +155,9 @@ fn ratelimit_started_during_a_redis_outage_is_alive_not_ready_and_admits_nothing
         .next()
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("HTTP {http_addr}"));
+
+    let admin_port = free_port();
+    let mut envoy = start_envoy(&dir, grpc_port, admin_port);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -150,6 +222,24 @@ fn ratelimit_started_during_a_redis_outage_is_alive_not_ready_and_admits_nothing
         metrics.text()
     );
 
+    // Envoy's grpc.health.v1 check of the production cluster fails (NOT_SERVING): the host
+    // is out of rotation.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match envoy_view(admin_port) {
+            Some((flags, failures)) if failures > 0 => {
+                assert!(flags.contains("failed_active_hc"), "{flags}");
+                break;
+            }
+            view => assert!(
+                Instant::now() < deadline,
+                "Envoy never failed a health check while Redis was down: {view:?}; {}",
+                envoy.failure("")
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // Redis comes up: ready within a few seconds, on the same process.
     redis.start_server().unwrap_or_else(|e| panic!("{e}"));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -176,6 +266,21 @@ fn ratelimit_started_during_a_redis_outage_is_alive_not_ready_and_admits_nothing
         assert_eq!(decide(&channel).await.ok(), Some(Code::Ok as i32));
         assert_eq!(decide(&channel).await.ok(), Some(Code::OverLimit as i32));
     });
+    // And Envoy puts the host back at its next check (every 5 s).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let view = envoy_view(admin_port);
+        if view.as_ref().is_some_and(|(flags, _)| flags == "healthy") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Envoy's health check did not pass once ready: {view:?}; {}",
+            envoy.failure("")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    envoy.kill();
     rls.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
