@@ -324,6 +324,22 @@ async fn main() -> Res<()> {
         ),
     ];
     let mut results: Vec<(String, Vec<Stats>, f64)> = Vec::new();
+    // `GATEWAY_BENCH_VARIANTS=2,3` / `GATEWAY_BENCH_LOADS=0,1`: a subset, e.g. to profile.
+    let picked = |var: &str, i: usize| {
+        std::env::var(var).map_or(true, |v| v.split(',').any(|x| x.trim() == i.to_string()))
+    };
+    let loads: Vec<(&str, Load)> = loads
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| picked("GATEWAY_BENCH_LOADS", *i))
+        .map(|(_, l)| l)
+        .collect();
+    let variants: Vec<_> = variants
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| picked("GATEWAY_BENCH_VARIANTS", *i))
+        .map(|(_, v)| v)
+        .collect();
     for (name, filters, routed, transform) in variants {
         let spec = routing_spec(mock_port);
         let stack = Stack::start(StackOptions {
@@ -345,7 +361,7 @@ async fn main() -> Res<()> {
             wait_discovered(&stack, &key).await?;
         }
         let mut stats = Vec::new();
-        for (label, load) in loads {
+        for &(label, load) in &loads {
             let s = run_load(&stack, &key, load).await?;
             eprintln!(
                 "{name} / {label} C={}: p50 {:.0} µs p99 {:.0} µs ttfb p50 {:.0} µs, envoy cpu {:.1} µs/req",
