@@ -2,7 +2,8 @@
 //! /healthz, so a liveness probe does not kill it), not ready (/readyz 503, grpc.health.v1
 //! NOT_SERVING), and admitting nothing (every ShouldRateLimit is UNAVAILABLE) until Redis
 //! answers; then ready and deciding, with no restart. A real Envoy health-checks it with the
-//! production template's `tollgate_ratelimit` cluster (grpc.health.v1) all along.
+//! production template's `tollgate_ratelimit` cluster (grpc.health.v1) all along. The same
+//! while the budget ledger's database is down at start-up.
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
     Entry, RateLimitOverride,
@@ -15,6 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use tollgate_e2e::http;
 use tollgate_e2e::paths;
+use tollgate_e2e::postgres::Postgres;
 use tollgate_e2e::process::{free_port, Proc};
 use tollgate_e2e::redis::Redis;
 use tonic::transport::Channel;
@@ -61,6 +63,129 @@ async fn decide(channel: &Channel) -> Result<i32, tonic::Status> {
 
 fn status(port: u16, path: &str) -> Result<u16, String> {
     http::get(port, path, &[]).map(|r| r.status)
+}
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("tollgate-rls-startup-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    dir
+}
+
+/// tollgate-ratelimit with gRPC on `grpc_port`; returns it and its HTTP port, printed
+/// before anything is awaited.
+fn spawn_rls(dir: &std::path::Path, grpc_port: u16, args: &[&str]) -> (Proc, u16) {
+    let mut cmd = Command::new(paths::binary("tollgate-ratelimit"));
+    cmd.args(["--listen", &format!("127.0.0.1:{grpc_port}")])
+        .args(["--http-listen", "127.0.0.1:0"])
+        .args(args)
+        .env_remove("TOLLGATE_PROFILE")
+        .env("RUST_LOG", "info");
+    let mut rls = Proc::spawn("tollgate-ratelimit", cmd, dir).unwrap_or_else(|e| panic!("{e}"));
+    let http_addr = rls
+        .wait_for_line("HTTP ", Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let http_port = http_addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("HTTP {http_addr}"));
+    (rls, http_port)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn connect(grpc_port: u16) -> Channel {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .connect()
+            .await
+        {
+            Ok(c) => return c,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("gRPC port {grpc_port} never accepted: {e}"),
+        }
+    }
+}
+
+/// Until `ready_by` passes: alive, not ready, NOT_SERVING, every decision UNAVAILABLE.
+/// Returns how many decisions were refused.
+fn assert_alive_unready_and_refusing(
+    rls: &mut Proc,
+    http_port: u16,
+    rt: &tokio::runtime::Runtime,
+    channel: &Channel,
+    ready_by: Instant,
+) -> usize {
+    let mut refused = 0;
+    while Instant::now() < ready_by {
+        assert!(rls.alive(), "{}", rls.failure("exited while waiting"));
+        assert_eq!(status(http_port, "/healthz"), Ok(200), "liveness");
+        assert_eq!(status(http_port, "/readyz"), Ok(503), "readiness");
+        rt.block_on(async {
+            for service in ["", RLS_SERVICE] {
+                assert_eq!(
+                    health(channel, service).await.map_err(|s| s.code()),
+                    Ok(ServingStatus::NotServing as i32),
+                    "grpc.health.v1 {service:?} while waiting"
+                );
+            }
+            let e = decide(channel)
+                .await
+                .expect_err("no decision before the backends answer");
+            assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        });
+        refused += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !rls.log_text().contains("LISTENING"),
+        "LISTENING means deciding: {}",
+        rls.log_text()
+    );
+    refused
+}
+
+/// Ready within 10 s, then SERVING and deciding (one request a minute: OK, then over).
+fn assert_ready_and_deciding(
+    rls: &mut Proc,
+    http_port: u16,
+    rt: &tokio::runtime::Runtime,
+    channel: &Channel,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(http_port, "/readyz") != Ok(200) {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            rls.failure("not ready after its backends came up")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rls.wait_for_line("LISTENING ", Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status(http_port, "/healthz"), Ok(200));
+    rt.block_on(async {
+        for service in ["", RLS_SERVICE] {
+            assert_eq!(
+                health(channel, service).await.map_err(|s| s.code()),
+                Ok(ServingStatus::Serving as i32),
+                "grpc.health.v1 {service:?} once ready"
+            );
+        }
+        // The refusals consumed nothing: the one request of the minute is still there.
+        assert_eq!(decide(channel).await.ok(), Some(Code::Ok as i32));
+        assert_eq!(decide(channel).await.ok(), Some(Code::OverLimit as i32));
+    });
 }
 
 /// The `tollgate_ratelimit` cluster of envoy/envoy.production.yaml.tmpl, its health check
@@ -136,82 +261,27 @@ fn ratelimit_started_during_a_redis_outage_is_alive_not_ready_and_admits_nothing
 ) {
     let mut redis = Redis::start().unwrap_or_else(|e| panic!("redis: {e}"));
     redis.stop_server();
-    let dir = std::env::temp_dir().join(format!("tollgate-rls-startup-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let dir = temp_dir("redis");
     let grpc_port = free_port();
-    let mut cmd = Command::new(paths::binary("tollgate-ratelimit"));
-    cmd.args(["--listen", &format!("127.0.0.1:{grpc_port}")])
-        .args(["--http-listen", "127.0.0.1:0"])
-        .args(["--redis-url", &redis.url()])
-        // As deployed: counters in Redis or nothing.
-        .args(["--profile", "foundation"])
-        .env("RUST_LOG", "info");
-    let mut rls = Proc::spawn("tollgate-ratelimit", cmd, &dir).unwrap_or_else(|e| panic!("{e}"));
-    let http_addr = rls
-        .wait_for_line("HTTP ", Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let http_port: u16 = http_addr
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("HTTP {http_addr}"));
-
+    // As deployed: counters in Redis or nothing.
+    let (mut rls, http_port) = spawn_rls(
+        &dir,
+        grpc_port,
+        &["--redis-url", &redis.url(), "--profile", "foundation"],
+    );
     let admin_port = free_port();
     let mut envoy = start_envoy(&dir, grpc_port, admin_port);
-
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let channel = rt.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
-                .unwrap_or_else(|e| panic!("{e}"))
-                .connect()
-                .await
-            {
-                Ok(c) => break c,
-                Err(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("gRPC port {grpc_port} never accepted: {e}"),
-            }
-        }
-    });
+    let rt = runtime();
+    let channel = rt.block_on(connect(grpc_port));
 
     // Several of the service's one-second Redis retries: alive all along, never ready,
     // nothing admitted.
-    let outage_until = Instant::now() + Duration::from_secs(3);
-    let mut refused = 0;
-    while Instant::now() < outage_until {
-        assert!(
-            rls.alive(),
-            "{}",
-            rls.failure("exited while Redis was down")
-        );
-        assert_eq!(status(http_port, "/healthz"), Ok(200), "liveness");
-        assert_eq!(status(http_port, "/readyz"), Ok(503), "readiness");
-        rt.block_on(async {
-            for service in ["", RLS_SERVICE] {
-                assert_eq!(
-                    health(&channel, service).await.map_err(|s| s.code()),
-                    Ok(ServingStatus::NotServing as i32),
-                    "grpc.health.v1 {service:?} while Redis is down"
-                );
-            }
-            let e = decide(&channel)
-                .await
-                .expect_err("no decision before the counters answer");
-            assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
-        });
-        refused += 1;
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(
-        !rls.log_text().contains("LISTENING"),
-        "LISTENING means deciding: {}",
-        rls.log_text()
+    let refused = assert_alive_unready_and_refusing(
+        &mut rls,
+        http_port,
+        &rt,
+        &channel,
+        Instant::now() + Duration::from_secs(3),
     );
     let metrics = http::get(http_port, "/metrics", &[]).unwrap_or_else(|e| panic!("{e}"));
     assert!(
@@ -242,30 +312,7 @@ fn ratelimit_started_during_a_redis_outage_is_alive_not_ready_and_admits_nothing
 
     // Redis comes up: ready within a few seconds, on the same process.
     redis.start_server().unwrap_or_else(|e| panic!("{e}"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while status(http_port, "/readyz") != Ok(200) {
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            rls.failure("not ready after Redis came up")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    rls.wait_for_line("LISTENING ", Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(status(http_port, "/healthz"), Ok(200));
-    rt.block_on(async {
-        for service in ["", RLS_SERVICE] {
-            assert_eq!(
-                health(&channel, service).await.map_err(|s| s.code()),
-                Ok(ServingStatus::Serving as i32),
-                "grpc.health.v1 {service:?} once Redis answers"
-            );
-        }
-        // The refusals consumed nothing: the one request of the minute is still there.
-        assert_eq!(decide(&channel).await.ok(), Some(Code::Ok as i32));
-        assert_eq!(decide(&channel).await.ok(), Some(Code::OverLimit as i32));
-    });
+    assert_ready_and_deciding(&mut rls, http_port, &rt, &channel);
     // And Envoy puts the host back at its next check (every 5 s).
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -281,6 +328,54 @@ fn ratelimit_started_during_a_redis_outage_is_alive_not_ready_and_admits_nothing
         std::thread::sleep(Duration::from_millis(200));
     }
     envoy.kill();
+    rls.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn ratelimit_started_during_a_ledger_database_outage_waits_for_it_alive_unready_and_refusing() {
+    let mut pg = Postgres::start().unwrap_or_else(|e| panic!("postgres: {e}"));
+    pg.stop_server();
+    let dir = temp_dir("ledger");
+    let grpc_port = free_port();
+    let buffer = dir.join("ledger-buffer");
+    let url = pg.url();
+    // In-memory counters (ready at once): only the ledger database is awaited.
+    let (mut rls, http_port) = spawn_rls(
+        &dir,
+        grpc_port,
+        &[
+            "--ledger-url",
+            &url,
+            "--ledger-buffer",
+            buffer.to_str().unwrap_or_else(|| panic!("path")),
+        ],
+    );
+    let rt = runtime();
+    let channel = rt.block_on(connect(grpc_port));
+    assert_alive_unready_and_refusing(
+        &mut rls,
+        http_port,
+        &rt,
+        &channel,
+        Instant::now() + Duration::from_secs(3),
+    );
+    assert_eq!(
+        status(http_port, "/ledger/drift"),
+        Ok(503),
+        "no drift report before the ledger is connected"
+    );
+    assert!(
+        rls.log_text()
+            .contains("ledger database unreachable at start-up"),
+        "{}",
+        rls.log_text()
+    );
+
+    pg.start_server().unwrap_or_else(|e| panic!("{e}"));
+    assert_ready_and_deciding(&mut rls, http_port, &rt, &channel);
+    assert_eq!(status(http_port, "/ledger/drift"), Ok(200));
+    assert!(buffer.join("buffer.jsonl").is_file(), "the buffer is open");
     rls.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
