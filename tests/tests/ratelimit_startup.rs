@@ -54,6 +54,17 @@ async fn health(channel: &Channel, service: &str) -> Result<i32, tonic::Status> 
         .map(|r| r.into_inner().status)
 }
 
+/// Both names the service reports under (the server's, the RLS's) say `expected`.
+async fn assert_health(channel: &Channel, expected: ServingStatus) {
+    for service in ["", RLS_SERVICE] {
+        assert_eq!(
+            health(channel, service).await.map_err(|s| s.code()),
+            Ok(expected as i32),
+            "grpc.health.v1 {service:?}"
+        );
+    }
+}
+
 async fn decide(channel: &Channel) -> Result<i32, tonic::Status> {
     RateLimitServiceClient::new(channel.clone())
         .should_rate_limit(one_per_minute())
@@ -132,13 +143,7 @@ fn assert_alive_unready_and_refusing(
         assert_eq!(status(http_port, "/healthz"), Ok(200), "liveness");
         assert_eq!(status(http_port, "/readyz"), Ok(503), "readiness");
         rt.block_on(async {
-            for service in ["", RLS_SERVICE] {
-                assert_eq!(
-                    health(channel, service).await.map_err(|s| s.code()),
-                    Ok(ServingStatus::NotServing as i32),
-                    "grpc.health.v1 {service:?} while waiting"
-                );
-            }
+            assert_health(channel, ServingStatus::NotServing).await;
             let e = decide(channel)
                 .await
                 .expect_err("no decision before the backends answer");
@@ -175,13 +180,7 @@ fn assert_ready_and_deciding(
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(status(http_port, "/healthz"), Ok(200));
     rt.block_on(async {
-        for service in ["", RLS_SERVICE] {
-            assert_eq!(
-                health(channel, service).await.map_err(|s| s.code()),
-                Ok(ServingStatus::Serving as i32),
-                "grpc.health.v1 {service:?} once ready"
-            );
-        }
+        assert_health(channel, ServingStatus::Serving).await;
         // The refusals consumed nothing: the one request of the minute is still there.
         assert_eq!(decide(channel).await.ok(), Some(Code::Ok as i32));
         assert_eq!(decide(channel).await.ok(), Some(Code::OverLimit as i32));
