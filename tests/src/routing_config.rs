@@ -13,6 +13,9 @@
 use serde_yaml::Value;
 use tollgate_core::metadata::HEADER_BACKEND;
 
+/// The `primary` backend's cluster: host a first, host b when a has no healthy host.
+const AGGREGATE: &str = "primary_with_spare";
+
 /// Where the example's backends live and how fast health checks run.
 #[derive(Debug, Clone)]
 pub struct RoutingSpec {
@@ -89,7 +92,9 @@ name: {name}
 type: STRICT_DNS
 connect_timeout: 2s
 dns_lookup_family: V4_ONLY
-lb_policy: LEAST_REQUEST
+# Round robin: after a connection failure the retry goes to the next host for sure
+# (least request picks among random pairs and can pick the failed host again).
+lb_policy: ROUND_ROBIN
 health_checks:
 - timeout: 2s
   interval: {interval}s
@@ -160,12 +165,24 @@ typed_config:
 fn retry_policy() -> Value {
     y(r#"
 retry_on: connect-failure,refused-stream,reset
-num_retries: 2
+num_retries: 3
 retry_host_predicate:
 - name: envoy.retry_host_predicates.previous_hosts
   typed_config:
     "@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
-host_selection_retry_max_attempts: 3
+host_selection_retry_max_attempts: 5
+"#)
+}
+
+/// On an aggregate cluster the fallback is the next priority: a retry goes there at once,
+/// before health checks have marked the first cluster's hosts down. (Only there: on a
+/// one-priority cluster it would leave a retry no priority at all.)
+fn fallback_retry_priority() -> Value {
+    y(r#"
+name: envoy.retry_priorities.previous_priorities
+typed_config:
+  "@type": type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig
+  update_frequency: 1
 "#)
 }
 
@@ -182,6 +199,9 @@ route: {{cluster: {cluster}, timeout: 300s}}
         header = tollgate_header()
     ));
     r["route"]["retry_policy"] = retry_policy();
+    if cluster == AGGREGATE {
+        r["route"]["retry_policy"]["retry_priority"] = fallback_retry_priority();
+    }
     // The backend's name is Envoy's business, not the model server's.
     r["request_headers_to_remove"] = Value::Sequence(vec![Value::String(HEADER_BACKEND.into())]);
     if backend == "hosted" {
@@ -255,7 +275,7 @@ response_headers_to_add:
 "#);
     let routes = vec![
         backend_route("local", "ollama_pool", spec),
-        backend_route("primary", "primary_with_spare", spec),
+        backend_route("primary", AGGREGATE, spec),
         backend_route("spare", "ollama_b", spec),
         backend_route("hosted", "hosted", spec),
         catch_all,
@@ -273,8 +293,9 @@ response_headers_to_add:
     ));
     clusters.push(ollama_cluster("ollama_a", &[&spec.ollama_a], spec));
     clusters.push(ollama_cluster("ollama_b", &[&spec.ollama_b], spec));
-    clusters.push(y(r#"
-name: primary_with_spare
+    clusters.push(y(&format!(
+        r#"
+name: {AGGREGATE}
 connect_timeout: 2s
 lb_policy: CLUSTER_PROVIDED
 cluster_type:
@@ -282,7 +303,8 @@ cluster_type:
   typed_config:
     "@type": type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig
     clusters: [ollama_a, ollama_b]
-"#));
+"#
+    )));
     clusters.push(hosted_cluster(spec));
     serde_yaml::to_string(&v).map_err(|e| format!("envoy config: {e}"))
 }

@@ -372,20 +372,30 @@ fn a_spoofed_routing_header_never_picks_a_backend_and_refusals_are_json() {
 fn a_host_going_down_moves_traffic_and_both_down_gives_503_json() {
     let mut r = start();
     r.a.proc.kill();
-    // New requests right after the kill: retried on the other host (connection failures
-    // only), so no client sees an error.
+    // New requests right after the kill, before any health check noticed: the pool retries
+    // on its other host, `primary` (an aggregate cluster) retries on its fallback's priority.
+    // Connection failures only, so no client sees an error.
     for i in 0..12 {
         let resp = r.chat("llama3.1:8b", &[]);
         assert_eq!(
             resp.status,
             200,
-            "request {i}: {}\n{}",
+            "pool request {i}: {}\nhosts {:?}\n{}\n{}",
             resp.text(),
+            r.hosts("ollama_pool"),
+            http::get(r.stack.admin_port, "/stats?filter=ollama_pool", &[])
+                .unwrap()
+                .text(),
             r.stack.logs()
         );
+        if i < 5 {
+            let resp = r.chat("qwen2:0.5b", &[]);
+            assert_eq!(resp.status, 200, "fallback request {i}: {}", resp.text());
+        }
     }
-    // `primary` falls back to `spare` once host a fails its health check.
+    // And once the health check has marked host a down, without retries.
     r.wait_unhealthy("ollama_a", r.a.port);
+    r.wait_unhealthy("ollama_pool", r.a.port);
     for i in 0..5 {
         let resp = r.chat("qwen2:0.5b", &[]);
         assert_eq!(resp.status, 200, "fallback request {i}: {}", resp.text());
@@ -393,7 +403,7 @@ fn a_host_going_down_moves_traffic_and_both_down_gives_503_json() {
     let on_b = models_sent(&r.b);
     assert_eq!(
         on_b.iter().filter(|s| s.contains("qwen2")).count(),
-        5,
+        10,
         "{on_b:?}"
     );
     assert_eq!(on_b.iter().filter(|s| s.contains("llama3")).count(), 12);
