@@ -41,6 +41,8 @@ pub const PROMPT_LOG: &str = "prompt_log";
 /// (`{requests_per_unit: <n>, unit: "MINUTE"}`) because Envoy only passes a descriptor
 /// limit override in that shape; the unit means nothing for a concurrency limit.
 pub const KEY_MAX_CONCURRENT: &str = "key_max_concurrent";
+/// Max concurrent requests of all of a tenant's keys together, in the same shape.
+pub const TENANT_MAX_CONCURRENT: &str = "tenant_max_concurrent";
 
 /// Descriptor entry marking a token counter (TPM, budgets) and what this call does to it:
 /// `tokens` admits against the reservation, `tokens_extra` debits tokens used beyond it

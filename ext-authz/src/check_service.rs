@@ -136,9 +136,15 @@ pub fn identity_metadata(id: &Identity) -> Struct {
     if id.log_prompts {
         fields.insert(PROMPT_LOG.into(), string_value("1"));
     }
+    // The unit is required by Envoy's override shape and ignored for concurrency.
     if let Some(n) = id.policy.key_limits.max_concurrent {
-        // The unit is required by Envoy's override shape and ignored for concurrency.
         fields.insert(KEY_MAX_CONCURRENT.into(), limit_value(n.into(), "MINUTE"));
+    }
+    if let Some(n) = id.policy.tenant_limits.max_concurrent {
+        fields.insert(
+            TENANT_MAX_CONCURRENT.into(),
+            limit_value(n.into(), "MINUTE"),
+        );
     }
     Struct { fields }
 }
@@ -303,6 +309,7 @@ mod tests {
                 rpm: Some(100),
                 tpm: Some(5000),
                 budget_usd_month: Some(4_000_000),
+                max_concurrent: Some(9),
                 ..Default::default()
             },
             ..Default::default()
@@ -357,6 +364,7 @@ mod tests {
         assert_eq!(limit(&md["tenant_tpm"]), (5000.0, "MINUTE".into()));
         assert_eq!(limit(&md["key_budget_day"]), (10_000.0, "DAY".into()));
         assert_eq!(limit(&md["key_max_concurrent"]), (2.0, "MINUTE".into()));
+        assert_eq!(limit(&md["tenant_max_concurrent"]), (9.0, "MINUTE".into()));
         // USD budgets in 1/10000 USD: $12.50 a day for the key, $400 a month for the tenant.
         assert_eq!(limit(&md["key_budget_usd_day"]), (125_000.0, "DAY".into()));
         assert_eq!(

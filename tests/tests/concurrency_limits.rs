@@ -384,3 +384,33 @@ fn keys_of_one_tenant_share_the_tenant_rpm() {
         assert_streamed(&chat(port, &other, 1, 0, 20));
     }
 }
+
+#[test]
+fn keys_of_one_tenant_share_the_tenant_max_concurrent() {
+    let stack = start(StackOptions::default());
+    let (_, a) = stack.create_key("acme", None).unwrap();
+    let (_, b) = stack.create_key("acme", None).unwrap();
+    let (_, other) = stack.create_key("globex", None).unwrap();
+    stack
+        .admin(&["policy", "set", "--tenant", "acme", "--max-concurrent", "1"])
+        .unwrap();
+    let port = stack.envoy_port;
+    let held = chat_in_background(port, &a, 8, 250);
+    wait_for_chats(&stack, 1);
+    // The tenant's one slot is taken: its other key and the same key are refused.
+    assert_too_many_concurrent(&chat(port, &b, 1, 0, 20));
+    assert_too_many_concurrent(&chat(port, &a, 1, 0, 20));
+    // Another tenant is not affected.
+    assert_streamed(&chat(port, &other, 1, 0, 20));
+    assert_eq!(
+        streamed_chats(&stack),
+        2,
+        "a refused request reached the model server"
+    );
+    // The stream ends: the tenant's slot is free again, for either key, and nothing leaked
+    // from the refused requests (their key-level leases were released at their stream end).
+    assert_streamed(&held.join().unwrap());
+    std::thread::sleep(Duration::from_millis(200));
+    assert_streamed(&chat(port, &b, 1, 0, 20));
+    assert_streamed(&chat(port, &a, 1, 0, 20));
+}
