@@ -84,20 +84,20 @@ fn insert_limits(fields: &mut HashMap<String, Value>, l: &Limits, names: [&str; 
     if let Some(n) = l.tpm {
         fields.insert(tpm.into(), limit_value(n.into(), "MINUTE"));
     }
-    if let Some(n) = l.budget_day {
-        fields.insert(day.into(), limit_value(n, "DAY"));
-    }
-    if let Some(n) = l.budget_month {
-        fields.insert(month.into(), limit_value(n, "MONTH"));
-    }
     // Envoy reads requests_per_unit as a uint32: a larger stored budget (written past
     // tollgate-admin's check) is capped there, never wrapped to a small one.
-    let usd = |n: u64| n.min(tollgate_core::usd::MAX_BUDGET_UNITS);
+    let cap = |n: u64| n.min(u64::from(u32::MAX));
+    if let Some(n) = l.budget_day {
+        fields.insert(day.into(), limit_value(cap(n), "DAY"));
+    }
+    if let Some(n) = l.budget_month {
+        fields.insert(month.into(), limit_value(cap(n), "MONTH"));
+    }
     if let Some(n) = l.budget_usd_day {
-        fields.insert(usd_day.into(), limit_value(usd(n), "DAY"));
+        fields.insert(usd_day.into(), limit_value(cap(n), "DAY"));
     }
     if let Some(n) = l.budget_usd_month {
-        fields.insert(usd_month.into(), limit_value(usd(n), "MONTH"));
+        fields.insert(usd_month.into(), limit_value(cap(n), "MONTH"));
     }
 }
 
@@ -388,6 +388,23 @@ mod tests {
         let md = identity_metadata(&id).fields;
         assert_eq!(
             limit(&md["key_budget_usd_day"]),
+            (f64::from(u32::MAX), "DAY".into())
+        );
+    }
+
+    #[test]
+    fn token_budget_above_what_envoy_can_carry_is_capped_not_wrapped() {
+        // Envoy casts requests_per_unit to a uint32: 2^32 + 10 tokens would arrive as 10.
+        let mut id = identity();
+        id.policy.key_limits.budget_month = Some(u64::from(u32::MAX) + 10);
+        id.policy.tenant_limits.budget_day = Some(u64::MAX);
+        let md = identity_metadata(&id).fields;
+        assert_eq!(
+            limit(&md["key_budget_month"]),
+            (f64::from(u32::MAX), "MONTH".into())
+        );
+        assert_eq!(
+            limit(&md["tenant_budget_day"]),
             (f64::from(u32::MAX), "DAY".into())
         );
     }

@@ -623,8 +623,19 @@ async fn run(cli: Cli) -> Res<()> {
                         other => return Err(format!("--unset: unknown field {other:?}").into()),
                     }
                 }
-                if [row.limits.rpm, row.limits.tpm, row.limits.max_concurrent].contains(&Some(0)) {
+                let budgets = [row.limits.budget_day, row.limits.budget_month];
+                if [row.limits.rpm, row.limits.tpm, row.limits.max_concurrent].contains(&Some(0))
+                    || budgets.contains(&Some(0))
+                {
                     return Err("limits must be at least 1 (use --unset for no limit)".into());
+                }
+                // Envoy carries a limit as a uint32: a larger budget would not arrive as set.
+                if budgets.iter().flatten().any(|b| *b > u64::from(u32::MAX)) {
+                    return Err(format!(
+                        "token budgets must be at most {} tokens per period",
+                        u32::MAX
+                    )
+                    .into());
                 }
                 if [row.limits.budget_usd_day, row.limits.budget_usd_month].contains(&Some(0)) {
                     return Err(

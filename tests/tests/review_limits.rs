@@ -1,0 +1,47 @@
+//! Limits as an attacker and a new user see them, through real Envoy: budgets that must
+//! arrive as set, and requests that must not run outside the key's token accounting.
+
+use serde_json::json;
+use tollgate_e2e::http;
+use tollgate_e2e::stack::{Stack, StackOptions};
+
+fn start() -> Stack {
+    Stack::start(StackOptions::default()).unwrap_or_else(|e| panic!("stack did not start: {e}"))
+}
+
+fn chat(stack: &Stack, key: &str) -> http::Response {
+    let auth = format!("Bearer {key}");
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 20,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    http::post_json(
+        stack.envoy_port,
+        "/v1/chat/completions",
+        &[("authorization", &auth)],
+        &body,
+    )
+    .unwrap()
+}
+
+#[test]
+fn token_budgets_envoy_cannot_carry_are_refused_and_the_largest_one_admits() {
+    let stack = start();
+    let (id, key) = stack.create_key("acme", None).unwrap();
+    // Envoy casts the limit to a uint32: 2^32 + 10 tokens would arrive as a 10-token
+    // budget (every request refused); 0 would refuse everything too.
+    let wraps = (u64::from(u32::MAX) + 10).to_string();
+    for (flag, value) in [
+        ("--budget-month", wraps.as_str()),
+        ("--budget-day", wraps.as_str()),
+        ("--budget-day", "0"),
+        ("--budget-month", "0"),
+    ] {
+        let r = stack.admin(&["policy", "set", "--key", &id, flag, value]);
+        assert!(r.is_err(), "{flag} {value} was stored: {r:?}");
+    }
+    let largest = u32::MAX.to_string();
+    stack
+        .admin(&["policy", "set", "--key", &id, "--budget-month", &largest])
+        .unwrap();
+    let r = chat(&stack, &key);
+    assert_eq!(r.status, 200, "{}", r.text());
+}
