@@ -253,6 +253,14 @@ impl HttpContext for StreamContext {
         ))
     }
 
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        let served = self.served.borrow();
+        action(
+            self.stream
+                .on_request_trailers(&mut Envoy, &self.config, &served),
+        )
+    }
+
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         action(self.stream.on_response_headers(&mut Envoy))
     }

@@ -101,6 +101,8 @@ pub struct Stream {
     cost_reserved: Option<(Price, u64)>,
     /// The request path, kept while a routed request's body is read.
     routed_path: Option<String>,
+    /// Headers were held for a body whose end has not been seen yet.
+    awaiting_body: bool,
 }
 
 /// How the model of a request was already checked when the request is finished.
@@ -125,6 +127,7 @@ impl Default for Stream {
             reserved: None,
             cost_reserved: None,
             routed_path: None,
+            awaiting_body: false,
         }
     }
 }
@@ -227,6 +230,7 @@ impl Stream {
         }
         if plan.reads_body && !end_of_stream {
             self.plan = Some(plan);
+            self.awaiting_body = true;
             return Action::Pause;
         }
         // No body to read (model listings, opaque paths, or a body-less request).
@@ -262,6 +266,7 @@ impl Stream {
             if end_of_stream {
                 return self.finish_routed(host, config, routing, &[], None, served);
             }
+            self.awaiting_body = true;
             return Action::Pause;
         }
         let Some(backend) = routing.default_backend.as_deref() else {
@@ -374,6 +379,9 @@ impl Stream {
         if self.failed {
             return Action::Pause;
         }
+        if end_of_stream {
+            self.awaiting_body = false;
+        }
         if let (Some(routing), true) = (&config.routing, self.routed_path.is_some()) {
             self.received = size;
             if size > config.max_body_bytes {
@@ -421,6 +429,24 @@ impl Stream {
         )
     }
 
+    /// Request trailers end the body instead of a last data frame (HTTP/2, chunked HTTP/1.1):
+    /// the body is complete, so it is decided on now. Letting the trailers continue the
+    /// stream undecided would forward the body with no model check and no reservation.
+    pub fn on_request_trailers(
+        &mut self,
+        host: &mut impl Host,
+        config: &Config,
+        served: &Served,
+    ) -> Action {
+        if self.failed {
+            return Action::Pause;
+        }
+        if !self.awaiting_body {
+            return Action::Continue;
+        }
+        self.on_request_body(host, config, self.received, true, served)
+    }
+
     /// Translates, checks the model, rewrites the request, remembers the response plan.
     fn finish_request(
         &mut self,
@@ -434,6 +460,14 @@ impl Stream {
         let Some(plan) = &self.plan else {
             return Action::Continue;
         };
+        // A routed body was checked when its model was read.
+        if plan.reads_body && matches!(gate, Gate::Single(_)) {
+            if let Err(e) = request_head::check_keys(body) {
+                self.failed = true;
+                send_error(host, e.status(), e.code(), &e.to_string());
+                return Action::Pause;
+            }
+        }
         let translated = match plan.translate_body(body, &config.request_options) {
             Ok(t) => t,
             Err(e) => {
@@ -1512,5 +1546,112 @@ mod tests {
             Stream::default().on_request_headers(&mut host, &config, true, &Served::default());
         assert_eq!(action, Action::Pause);
         assert_eq!(host.reply.as_ref().unwrap().status, 404);
+    }
+
+    #[test]
+    fn keys_differing_only_in_case_are_refused_before_the_upstream() {
+        // Go's encoding/json (Ollama, also its OpenAI-compatible API) matches keys ignoring
+        // case and keeps the last one: it would run the second model, or stream unlike planned.
+        for (path, body) in [
+            (
+                "/api/chat",
+                r#"{"model":"qwen2:0.5b","Model":"llama3.1:8b","messages":[]}"#,
+            ),
+            (
+                "/api/chat",
+                r#"{"model":"qwen2:0.5b","MODEL":"llama3.1:8b","messages":[]}"#,
+            ),
+            (
+                "/api/chat",
+                r#"{"model":"qwen2:0.5b","mod\u0045l":"llama3.1:8b"}"#,
+            ),
+            (
+                "/api/generate",
+                r#"{"model":"qwen2:0.5b","stream":false,"Stream":true}"#,
+            ),
+            (
+                "/api/generate",
+                r#"{"model":"qwen2:0.5b","options":{"num_predict":1,"Num_Predict":-1}}"#,
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"qwen2:0.5b","Model":"llama3.1:8b","messages":[]}"#,
+            ),
+        ] {
+            let mut host = FakeHost::request("POST", path).with_models("qwen2*");
+            let (_, action) = send(&mut host, &ollama(), body, None);
+            assert_eq!(action, Action::Pause, "{body}");
+            assert_eq!(host.reply.as_ref().unwrap().status, 400, "{body}");
+            assert_eq!(
+                host.reply_json()["error"]["code"],
+                "invalid_request",
+                "{body}"
+            );
+        }
+        // Look-alike keys deeper down (a tool schema's properties) are the client's business.
+        let body = r#"{"model":"qwen2:0.5b","messages":[],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"Name":{},"name":{}}}}}]}"#;
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("qwen2*");
+        let (_, action) = send(&mut host, &ollama(), body, None);
+        assert_eq!(action, Action::Continue);
+        assert!(host.reply.is_none());
+    }
+
+    #[test]
+    fn routed_keys_differing_only_in_case_are_refused() {
+        let mut host = FakeHost::request("POST", "/api/chat").with_models("llama3*");
+        let body = r#"{"model":"llama3.1:8b","Model":"qwen2:0.5b","messages":[]}"#;
+        assert_eq!(send_routed(&mut host, body), Action::Pause);
+        assert_eq!(host.reply.as_ref().unwrap().status, 400);
+        assert_eq!(host.header("x-tollgate-backend"), None);
+    }
+
+    #[test]
+    fn a_body_ended_by_trailers_is_checked_and_reserved_like_any_other() {
+        let allowed = r#"{"model":"qwen2:0.5b","max_tokens":7,"messages":[]}"#;
+        let denied = r#"{"model":"llama3.1:8b","messages":[]}"#;
+        for (config, served) in [
+            (Config::default(), Served::default()),
+            (routed(), local_served()),
+        ] {
+            for (body, want) in [(allowed, None), (denied, Some(403))] {
+                let mut host =
+                    FakeHost::request("POST", "/v1/chat/completions").with_models("qwen2*");
+                host.request_body = body.as_bytes().to_vec();
+                let mut s = Stream::default();
+                assert_eq!(
+                    s.on_request_headers(&mut host, &config, false, &served),
+                    Action::Pause
+                );
+                assert_eq!(
+                    s.on_request_body(&mut host, &config, body.len(), false, &served),
+                    Action::Pause
+                );
+                let action = s.on_request_trailers(&mut host, &config, &served);
+                match want {
+                    Some(status) => {
+                        assert_eq!(action, Action::Pause, "{body}");
+                        assert_eq!(host.reply.as_ref().unwrap().status, status, "{body}");
+                    }
+                    None if config.routing.is_some() => {
+                        // qwen2 has no route in the routing table: refused, never forwarded.
+                        assert_eq!(action, Action::Pause, "{body}");
+                        assert_eq!(host.reply.as_ref().unwrap().status, 404, "{body}");
+                    }
+                    None => {
+                        assert_eq!(action, Action::Continue, "{body}");
+                        assert!(host.reply.is_none());
+                        assert!(host.state.contains_key("tollgate_req"), "no reservation");
+                    }
+                }
+            }
+        }
+        // Trailers after a finished body, or on a request without one, change nothing.
+        let mut host = FakeHost::request("GET", "/api/version").with_models("*");
+        let mut s = Stream::default();
+        s.on_request_headers(&mut host, &Config::default(), false, &Served::default());
+        assert_eq!(
+            s.on_request_trailers(&mut host, &Config::default(), &Served::default()),
+            Action::Continue
+        );
     }
 }

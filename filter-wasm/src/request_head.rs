@@ -2,7 +2,10 @@
 //! tokens it reserves, read in one pass that skips everything else (messages are not
 //! materialised), and renaming the model for the upstream.
 
-use serde::Deserialize;
+use std::collections::HashSet;
+
+use serde::de::{Error as _, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 use crate::translate::{body_error, object_start, RequestError};
 
@@ -23,7 +26,7 @@ pub struct RequestHead {
 impl RequestHead {
     /// The head of a JSON object body; the same errors as the full translation.
     pub fn parse(body: &[u8]) -> Result<RequestHead, RequestError> {
-        object_start(body)?;
+        check_keys(body)?;
         serde_json::from_slice(body).map_err(body_error)
     }
 
@@ -56,6 +59,55 @@ impl RequestHead {
             _ => default_completion,
         };
         (body_len as u64 / 4, completion)
+    }
+}
+
+/// Refuses a JSON object body holding two keys that differ only in ASCII case, at the top
+/// level or in `options` (`"model"` and `"Model"`). Go's encoding/json, which Ollama decodes
+/// with (its OpenAI-compatible API too), matches keys ignoring case and keeps the last, so
+/// the model server would run another model than the one checked here, or stream unlike
+/// planned. Deeper objects (tool schemas) may legitimately hold such keys and are not read.
+pub fn check_keys(body: &[u8]) -> Result<(), RequestError> {
+    object_start(body)?;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    de.deserialize_map(Keys).map_err(body_error)
+}
+
+struct Keys;
+
+impl<'de> Visitor<'de> for Keys {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let folded = key.to_ascii_lowercase();
+            if folded == "options" {
+                let options: serde_json::Value = map.next_value()?;
+                let mut inner = HashSet::new();
+                let keys = options.as_object().into_iter().flat_map(|o| o.keys());
+                if let Some(k) = keys
+                    .into_iter()
+                    .find(|k| !inner.insert(k.to_ascii_lowercase()))
+                {
+                    return Err(A::Error::custom(format!(
+                        "options holds keys that differ only in case ({k:?})"
+                    )));
+                }
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+            if !seen.insert(folded) {
+                return Err(A::Error::custom(format!(
+                    "duplicate field {key:?} (keys may not differ only in case)"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
