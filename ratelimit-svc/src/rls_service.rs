@@ -71,6 +71,19 @@ impl<S: CounterStore> RlsService<S> {
         self
     }
 
+    /// Puts a stream-done call's usage in the budget ledger. Only stream-done calls carry
+    /// usage: admission never waits on the ledger.
+    async fn record_usage(&self, req: &RateLimitRequest, decision: Option<&Decision>) {
+        let Some(ledger) = &self.ledger else {
+            return;
+        };
+        for record in ledger_records(req, decision, crate::ledger::unix_micros()) {
+            if let Err(e) = ledger.record(record).await {
+                tracing::error!(error = %e, "ledger: usage not recorded");
+            }
+        }
+    }
+
     /// Decisions a `shadow_mode` limit would have denied, since start.
     pub fn shadow_over_limit_total(&self) -> u64 {
         self.shadow_over_limit.load(Ordering::Relaxed)
@@ -386,8 +399,13 @@ pub async fn decide<S: CounterStore>(
 /// The ledger records of a stream-done call: one per `usage` descriptor that used tokens,
 /// with the cost its `usage` + `tollgate_unit=usd` twin carries (0 without one: the model
 /// has no price), each naming the budget counters (day or longer, tokens and USD) the same
-/// call debited or refunded.
-pub fn ledger_records(req: &RateLimitRequest, decision: &Decision, at_us: u64) -> Vec<Record> {
+/// call debited or refunded. Without a decision (the counter store failed) the counters
+/// are the ones Envoy's overrides name: the debit they missed is what reconciliation shows.
+pub fn ledger_records(
+    req: &RateLimitRequest,
+    decision: Option<&Decision>,
+    at_us: u64,
+) -> Vec<Record> {
     let parsed: Vec<(Descriptor<'_>, Option<&str>)> = req
         .descriptors
         .iter()
@@ -397,13 +415,22 @@ pub fn ledger_records(req: &RateLimitRequest, decision: &Decision, at_us: u64) -
     if !parsed.iter().any(|(d, _)| token_usage(d)) {
         return Vec::new();
     }
+    let limits: Vec<Option<Limit>> = match decision {
+        Some(decision) => decision
+            .outcomes
+            .iter()
+            .map(|o| match o {
+                Outcome::Counted { limit, .. } => Some(*limit),
+                _ => None,
+            })
+            .collect(),
+        None => parsed.iter().map(|(d, _)| d.limit_override).collect(),
+    };
     let counters: Vec<CounterRef> = parsed
         .iter()
-        .zip(&decision.outcomes)
-        .filter_map(|((d, _), o)| match o {
-            Outcome::Counted { limit, .. }
-                if d.tokens && (d.debit || d.refund) && is_budget(limit) =>
-            {
+        .zip(&limits)
+        .filter_map(|((d, _), limit)| match limit {
+            Some(limit) if d.tokens && (d.debit || d.refund) && is_budget(limit) => {
                 let (kind, id) = d.entries.first()?;
                 Some(CounterRef {
                     key: redis_keys::counter_key(&req.domain, &d.entries, limit),
@@ -488,14 +515,7 @@ impl<S: CounterStore> RateLimitService for RlsService<S> {
                 if decision.over_limit {
                     tracing::debug!(domain = %req.domain, "over limit");
                 }
-                // Only stream-done calls carry usage: admission never waits on the ledger.
-                if let Some(ledger) = &self.ledger {
-                    for record in ledger_records(&req, &decision, crate::ledger::unix_micros()) {
-                        if let Err(e) = ledger.record(record).await {
-                            tracing::error!(error = %e, "ledger: usage not recorded");
-                        }
-                    }
-                }
+                self.record_usage(&req, Some(&decision)).await;
                 Ok(Response::new(resp))
             }
             Err(e) => {
@@ -505,6 +525,8 @@ impl<S: CounterStore> RateLimitService for RlsService<S> {
                 if self.last_error_log.swap(now, Ordering::Relaxed) != now {
                     tracing::warn!(error = %e, "counter store unavailable; answering UNAVAILABLE");
                 }
+                // The stream was served whatever the counters say: its usage is still real.
+                self.record_usage(&req, None).await;
                 Err(Status::unavailable("rate limit counters unavailable"))
             }
         }
@@ -769,7 +791,7 @@ mod tests {
             usd("tokens_refund", 1000, 4, 30),
         ]);
         let (_, decision) = decide(&store, &config, &req, TTL).await.unwrap();
-        let records = ledger_records(&req, &decision, 1);
+        let records = ledger_records(&req, Some(&decision), 1);
         assert_eq!(records.len(), 1, "the cost is not a record of its own");
         assert_eq!((records[0].tokens, records[0].cost_usd), (12, 102));
         let counters: Vec<(bool, bool)> = records[0]
@@ -781,7 +803,57 @@ mod tests {
         // An unpriced model: no cost descriptor, cost 0.
         let req = request(vec![usage(None, 12)]);
         let (_, decision) = decide(&store, &config, &req, TTL).await.unwrap();
-        assert_eq!(ledger_records(&req, &decision, 1)[0].cost_usd, 0);
+        assert_eq!(ledger_records(&req, Some(&decision), 1)[0].cost_usd, 0);
+    }
+
+    /// A counter store that never answers (Redis down or slow).
+    struct DownStore;
+
+    impl CounterStore for DownStore {
+        async fn hit_batch(
+            &self,
+            _hits: &[crate::counter_store::Hit],
+        ) -> Result<Vec<Verdict>, StoreError> {
+            Err(StoreError::Timeout(Duration::from_millis(500)))
+        }
+
+        async fn expires_in(&self, _key: &str) -> Result<Option<Duration>, StoreError> {
+            Err(StoreError::Timeout(Duration::from_millis(500)))
+        }
+    }
+
+    #[tokio::test]
+    async fn usage_reaches_the_ledger_while_the_counter_store_is_down() {
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-rls-ledger-{}-{}",
+            std::process::id(),
+            crate::ledger::unix_micros()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite:{}", dir.join("ledger.db").display());
+        let db = crate::ledger::LedgerDb::connect(&url).await.unwrap();
+        let ledger = Arc::new(Ledger::open(&dir.join("buffer"), db.clone()).await.unwrap());
+        let service = RlsService::new(
+            Arc::new(DownStore),
+            Arc::new(SharedConfig::new(Config::default())),
+        )
+        .with_ledger(ledger.clone());
+        let mut usage = tokens("usage", 0, 4, 12);
+        usage.limit = None;
+        let req = request(vec![usage, tokens("tokens_refund", 1000, 4, 30)]);
+        let answer = service.should_rate_limit(Request::new(req)).await;
+        assert_eq!(
+            answer.unwrap_err().code(),
+            tonic::Code::Unavailable,
+            "a store error is never OK"
+        );
+        // The debit is lost from the counters, but the stream's usage is not lost from
+        // the ledger, which is what reconciliation needs to see the loss.
+        ledger.flush().await.unwrap();
+        assert_eq!(db.row_count().await.unwrap(), 1);
+        let counters = db.counters().await.unwrap();
+        assert_eq!(counters.len(), 1, "the budget counter it was meant for");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn request(ds: Vec<RateLimitDescriptor>) -> RateLimitRequest {
