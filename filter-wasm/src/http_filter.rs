@@ -103,6 +103,8 @@ pub struct Stream {
     routed_path: Option<String>,
     /// Headers were held for a body whose end has not been seen yet.
     awaiting_body: bool,
+    /// An `/api/show` whose body's model is checked before it is forwarded.
+    details: bool,
 }
 
 /// How the model of a request was already checked when the request is finished.
@@ -128,6 +130,7 @@ impl Default for Stream {
             cost_reserved: None,
             routed_path: None,
             awaiting_body: false,
+            details: false,
         }
     }
 }
@@ -179,9 +182,46 @@ fn send_error(host: &mut impl Host, status: u16, code: &str, message: &str) {
     host.send_local_reply(status, &headers, &body);
 }
 
+fn bare_path(path: &str) -> &str {
+    path.split(['?', '#'])
+        .next()
+        .unwrap_or("")
+        .trim_end_matches('/')
+}
+
 fn is_listing(path: &str) -> bool {
-    let bare = path.split(['?', '#']).next().unwrap_or("");
-    matches!(bare.trim_end_matches('/'), "/v1/models" | "/api/tags")
+    matches!(bare_path(path), "/v1/models" | "/api/tags")
+}
+
+/// Ollama's list of loaded models: the same shape as `/api/tags`, filtered the same way.
+fn is_running_listing(path: &str) -> bool {
+    bare_path(path) == "/api/ps"
+}
+
+/// Ollama's model details (Modelfile, system prompt, template): its body names the model.
+fn is_model_details(path: &str) -> bool {
+    bare_path(path) == "/api/show"
+}
+
+/// The model a `GET /v1/models/{id}` asks about, percent-decoded as servers route on it;
+/// `Some(None)` when it does not decode.
+fn retrieved_model(path: &str) -> Option<Option<String>> {
+    let id = bare_path(path).strip_prefix("/v1/models/")?;
+    let mut out = Vec::with_capacity(id.len());
+    let mut bytes = id.bytes();
+    while let Some(b) = bytes.next() {
+        if b != b'%' {
+            out.push(b);
+            continue;
+        }
+        let hex = [bytes.next(), bytes.next()];
+        let digit = |d: Option<u8>| char::from(d?).to_digit(16);
+        match (digit(hex[0]), digit(hex[1])) {
+            (Some(h), Some(l)) => out.push((h * 16 + l) as u8),
+            _ => return Some(None),
+        }
+    }
+    Some(String::from_utf8(out).ok())
 }
 
 impl Stream {
@@ -208,6 +248,42 @@ impl Stream {
             }
             Decision::Invalid(why) => return self.refuse_path(host, why),
         }
+        // Details of one model: only of a model the key may use, else as if it did not exist.
+        if let Some(id) = retrieved_model(&path) {
+            let Some(id) = id else {
+                return self.refuse_path(host, InvalidPath::BadPercentEscape);
+            };
+            let allow = key_allowlist(host);
+            let usable = match &config.routing {
+                Some(routing) => routing.check(&id, &allow, served).is_ok(),
+                None => {
+                    let on = config.discovery.is_some();
+                    model_gate::check(&id, &allow, served.single(), on).is_ok()
+                }
+            };
+            if !usable {
+                let r = model_gate::MODEL_NOT_FOUND;
+                send_error(host, r.status, r.code, r.message);
+                return Action::Pause;
+            }
+            if config.routing.is_some() {
+                // The default backend may not be the one serving it: answered here.
+                let body = model_body(&id, host.now_secs());
+                host.send_local_reply(200, &[("content-type", "application/json")], &body);
+                return Action::Pause;
+            }
+        }
+        if is_model_details(&path) {
+            if config.routing.is_some() {
+                host.set_request_header(metadata::HEADER_BACKEND, None);
+            }
+            self.details = true;
+            if end_of_stream {
+                return self.finish_details(host, config, &[], None, served);
+            }
+            self.awaiting_body = true;
+            return Action::Pause;
+        }
         if let Some(routing) = &config.routing {
             // Envoy strips a client's copy at the edge; removing it here too means a config
             // without that edge rule still never lets the client pick a backend.
@@ -222,7 +298,7 @@ impl Stream {
                 return Action::Pause;
             }
         };
-        self.listing = is_listing(&path);
+        self.listing = is_listing(&path) || is_running_listing(&path);
         let counts = plan.reads_body;
         if counts || self.listing {
             // The response is parsed: it must arrive uncompressed.
@@ -285,6 +361,15 @@ impl Stream {
         match plan_request(upstream, &path) {
             Ok(plan) => {
                 host.set_request_header(metadata::HEADER_BACKEND, Some(backend));
+                if is_running_listing(&path) {
+                    // Filtered to the caller's models like any listing.
+                    host.set_request_header("accept-encoding", None);
+                    self.listing = true;
+                    self.response_plan = plan
+                        .translate_body(&[], &config.request_options)
+                        .ok()
+                        .map(|t| t.response);
+                }
                 self.plan = Some(plan);
                 Action::Continue
             }
@@ -382,6 +467,22 @@ impl Stream {
         if end_of_stream {
             self.awaiting_body = false;
         }
+        if self.details {
+            self.received = size;
+            if size > config.max_body_bytes {
+                return self.fail(
+                    host,
+                    413,
+                    "request_too_large",
+                    "the request body is too large",
+                );
+            }
+            if !end_of_stream {
+                return Action::Pause;
+            }
+            let body = host.request_body(size).unwrap_or_default();
+            return self.finish_details(host, config, &body, Some(size), served);
+        }
         if let (Some(routing), true) = (&config.routing, self.routed_path.is_some()) {
             self.received = size;
             if size > config.max_body_bytes {
@@ -427,6 +528,74 @@ impl Stream {
             Gate::Single(served.single()),
             None,
         )
+    }
+
+    /// An `/api/show` body: forwarded only for a model the key may use; under routing, to
+    /// the backend serving it, under its upstream name.
+    fn finish_details(
+        &mut self,
+        host: &mut impl Host,
+        config: &Config,
+        body: &[u8],
+        body_size: Option<usize>,
+        served: &Served,
+    ) -> Action {
+        #[derive(serde::Deserialize)]
+        struct Show {
+            model: Option<String>,
+            // Ollama's older name for it, read when `model` is empty.
+            name: Option<String>,
+        }
+        let show = request_head::check_keys(body).and_then(|()| {
+            serde_json::from_slice::<Show>(body).map_err(crate::translate::body_error)
+        });
+        let show = match show {
+            Ok(s) => s,
+            Err(e) => return self.fail(host, e.status(), e.code(), &e.to_string()),
+        };
+        let Some(model) = [show.model, show.name]
+            .into_iter()
+            .flatten()
+            .find(|m| !m.is_empty())
+        else {
+            let e = crate::translate::RequestError::MissingModel;
+            return self.fail(host, e.status(), e.code(), &e.to_string());
+        };
+        let allow = key_allowlist(host);
+        let Some(routing) = &config.routing else {
+            let on = config.discovery.is_some();
+            if let Err(r) = model_gate::check(&model, &allow, served.single(), on) {
+                return self.fail(host, r.status, r.code, r.message);
+            }
+            return Action::Continue;
+        };
+        let resolved = match routing.check(&model, &allow, served) {
+            Ok(r) if r.upstream == Upstream::Ollama => r,
+            Ok(r) => {
+                let e = crate::translate::RequestError::UnsupportedEndpoint {
+                    path: "/api/show".to_owned(),
+                    upstream: r.upstream,
+                };
+                return self.fail(host, e.status(), e.code(), &e.to_string());
+            }
+            Err(r) => return self.fail(host, r.status, r.code, r.message),
+        };
+        if resolved.upstream_model != model {
+            let Some(new) = request_head::with_model(body, resolved.upstream_model) else {
+                return self.fail(
+                    host,
+                    400,
+                    "invalid_request",
+                    "the body must be a JSON object",
+                );
+            };
+            if let Some(size) = body_size {
+                host.set_request_body(size, &new);
+                host.set_request_header("content-length", Some(&new.len().to_string()));
+            }
+        }
+        host.set_request_header(metadata::HEADER_BACKEND, Some(resolved.backend));
+        Action::Continue
     }
 
     /// Request trailers end the body instead of a last data frame (HTTP/2, chunked HTTP/1.1):
@@ -763,6 +932,12 @@ impl Stream {
 /// Request-headers phase as a free function (kept for callers that only block).
 pub fn on_request_headers(host: &mut impl Host, config: &Config) -> Action {
     Stream::default().on_request_headers(host, config, true, &Served::default())
+}
+
+/// One model in OpenAI's shape (`GET /v1/models/{id}`).
+fn model_body(id: &str, now: u64) -> String {
+    serde_json::json!({"id": id, "object": "model", "created": now, "owned_by": "tollgate"})
+        .to_string()
 }
 
 /// A model listing in the shape the client asked for: Ollama's `/api/tags` or OpenAI's list.
@@ -1653,5 +1828,88 @@ mod tests {
             s.on_request_trailers(&mut host, &Config::default(), &Served::default()),
             Action::Continue
         );
+    }
+
+    #[test]
+    fn model_details_and_running_models_are_limited_to_the_callers_models() {
+        let show = |config: &Config, served: &Served, body: &str| {
+            let mut host = FakeHost::request("POST", "/api/show").with_models("qwen2*,chat-*");
+            host.request_body = body.as_bytes().to_vec();
+            let mut s = Stream::default();
+            assert_eq!(
+                s.on_request_headers(&mut host, config, false, served),
+                Action::Pause
+            );
+            let action = s.on_request_body(&mut host, config, body.len(), true, served);
+            (host, action)
+        };
+        let none = Served::default();
+        for body in [r#"{"model":"llama3.1:8b"}"#, r#"{"name":"llama3.1:8b"}"#] {
+            let (host, action) = show(&ollama(), &none, body);
+            assert_eq!(action, Action::Pause, "{body}");
+            assert_eq!(host.reply.as_ref().unwrap().status, 403, "{body}");
+        }
+        let (host, action) = show(&ollama(), &none, r#"{"model":"qwen2:0.5b"}"#);
+        assert_eq!(action, Action::Continue);
+        assert!(host.reply.is_none());
+        let (host, _) = show(&ollama(), &none, "{}");
+        assert_eq!(host.reply_json()["error"]["code"], "missing_model");
+
+        // Routed: to the backend serving it, under its upstream name; never to the default.
+        let mut served = local_served();
+        served.insert("local", ModelSet::from_names(["llama3.1:8b", "qwen2:0.5b"]));
+        let routed = Config::from_json(
+            br#"{"routing":{"backends":{
+                   "local":{"upstream":"ollama","cluster":"ollama_pool"},
+                   "hosted":{"upstream":"openai","cluster":"hosted","discovery":false}},
+                 "models":[{"match":"qwen2*","backend":"local"},{"match":"llama3*","backend":"local"},
+                           {"match":"gpt-4o-mini","backend":"hosted"}],
+                 "aliases":{"chat-small":"qwen2:0.5b","chat-hosted":"gpt-4o-mini"},
+                 "default_backend":"local"}}"#,
+        )
+        .unwrap();
+        let (host, action) = show(&routed, &served, r#"{"model":"chat-small"}"#);
+        assert_eq!(action, Action::Continue);
+        assert_eq!(host.header("x-tollgate-backend").as_deref(), Some("local"));
+        let sent: serde_json::Value = serde_json::from_slice(&host.request_body).unwrap();
+        assert_eq!(sent["model"], "qwen2:0.5b");
+        let (host, _) = show(&routed, &served, r#"{"model":"llama3.1:8b"}"#);
+        assert_eq!(host.reply.as_ref().unwrap().status, 403);
+        assert_eq!(host.header("x-tollgate-backend"), None);
+
+        // One model's entry: 404 for a model the key may not use, as for an unknown one.
+        for (config, served) in [(ollama(), &none), (routed, &served)] {
+            for (path, status) in [
+                ("/v1/models/llama3.1%3A8b", Some(404)),
+                ("/v1/models/llama3.1:8b", Some(404)),
+                ("/v1/models/qwen2:0.5b", None),
+            ] {
+                let mut host = FakeHost::request("GET", path).with_models("qwen2*");
+                let mut s = Stream::default();
+                let action = s.on_request_headers(&mut host, &config, true, served);
+                let got = host.reply.as_ref().map(|r| r.status);
+                match (status, config.routing.is_some()) {
+                    (Some(want), _) => assert_eq!((action, got), (Action::Pause, Some(want))),
+                    (None, true) => {
+                        assert_eq!((action, got), (Action::Pause, Some(200)));
+                        assert_eq!(host.reply_json()["id"], "qwen2:0.5b");
+                    }
+                    (None, false) => assert_eq!((action, got), (Action::Continue, None), "{path}"),
+                }
+            }
+
+            // Running models: filtered like a listing.
+            let mut host = FakeHost::request("GET", "/api/ps").with_models("qwen2*");
+            let mut s = Stream::default();
+            assert_eq!(
+                s.on_request_headers(&mut host, &config, true, served),
+                Action::Continue
+            );
+            let ps: &[u8] = br#"{"models":[{"name":"llama3.1:8b","model":"llama3.1:8b"},{"name":"qwen2:0.5b","model":"qwen2:0.5b"}]}"#;
+            let out = respond(&mut host, &mut s, "200", &[&ps[..30], &ps[30..]], true);
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["models"].as_array().unwrap().len(), 1, "{v}");
+            assert_eq!(v["models"][0]["name"], "qwen2:0.5b");
+        }
     }
 }

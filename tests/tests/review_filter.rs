@@ -1,6 +1,6 @@
 //! The filter against a key holder who disguises a request: a model named twice under keys
-//! that differ in case, and an HTTP/2 body that ends in trailers. Neither may reach the model
-//! server unchecked or uncounted. One stack, the mock as an OpenAI-style upstream.
+//! that differ in case, details of a model the key may not use, and an HTTP/2 body that ends
+//! in trailers. None may reach the model server unchecked or uncounted. One stack, the mock as an OpenAI-style upstream.
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -91,16 +91,10 @@ fn disguised_requests_never_reach_the_model_server_unchecked() {
         ("authorization", auth.as_str()),
         ("content-type", "application/json"),
     ];
-    let post = |body: &str| {
-        http::request(
-            stack.envoy_port,
-            "POST",
-            "/v1/chat/completions",
-            &headers,
-            body.as_bytes(),
-        )
-        .unwrap()
+    let post_to = |path: &str, body: &str| {
+        http::request(stack.envoy_port, "POST", path, &headers, body.as_bytes()).unwrap()
     };
+    let post = |body: &str| post_to("/v1/chat/completions", body);
     let ok = post(r#"{"model":"qwen2:0.5b","messages":[{"role":"user","content":"hi"}]}"#);
     assert_eq!(ok.status, 200, "{}", ok.text());
     stack.clear_mock_requests().unwrap();
@@ -109,6 +103,13 @@ fn disguised_requests_never_reach_the_model_server_unchecked() {
     let r = post(r#"{"model":"qwen2:0.5b","Model":"llama3.1:8b","messages":[]}"#);
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.error_code(), "invalid_request");
+
+    // Details of a model the key may not use: as if it did not exist, before the upstream.
+    let r = post_to("/api/show", r#"{"model":"llama3.1:8b"}"#);
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = http::get(stack.envoy_port, "/v1/models/llama3.1:8b", &headers).unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.error_code(), "model_not_found");
 
     // HTTP/2 with trailers: the body never ends with end_of_stream, the trailers do.
     let body = r#"{"model":"llama3.1:8b","messages":[{"role":"user","content":"hi"}]}"#;
