@@ -39,6 +39,16 @@ impl Operation {
         }
     }
 
+    /// Whether the filter reads this operation's usage (tokens, and cost for priced models)
+    /// and the rate limiter reserves and settles it. Listings use none; audio, images,
+    /// moderation and any other path pass through uncounted.
+    pub fn usage_is_counted(self) -> bool {
+        matches!(
+            self,
+            Operation::Chat | Operation::Completions | Operation::Embeddings | Operation::Models
+        )
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         ALL.into_iter().find(|o| o.as_str() == s)
     }

@@ -73,6 +73,13 @@ pub const OPERATION_NOT_ALLOWED: Denial = denial(
     "operation_not_allowed",
     "this API key may not use this endpoint",
 );
+/// The filter counts tokens and cost only for chat, completions and embeddings: any other
+/// endpoint's usage would be spent outside the key's token and USD limits.
+pub const OPERATION_NOT_COUNTED: Denial = denial(
+    403,
+    "operation_not_allowed",
+    "this endpoint's usage is not counted, so a key with token or USD limits may not use it",
+);
 pub const TOO_MANY_FAILURES: Denial = denial(
     429,
     "too_many_failed_attempts",
@@ -140,6 +147,11 @@ pub fn permit(identity: &Identity, op: Operation, ip: Option<IpAddr>) -> Result<
     }
     if !identity.policy.allows_operation(op) {
         return Err(OPERATION_NOT_ALLOWED);
+    }
+    let metered =
+        identity.policy.key_limits.meters_usage() || identity.policy.tenant_limits.meters_usage();
+    if metered && !op.usage_is_counted() {
+        return Err(OPERATION_NOT_COUNTED);
     }
     Ok(())
 }
@@ -410,5 +422,100 @@ mod tests {
             permit(&id, Operation::Chat, Some("8.8.8.8".parse().unwrap())),
             Err(IP_NOT_ALLOWED)
         );
+    }
+
+    #[test]
+    fn uncounted_operations_are_refused_to_keys_with_token_or_usd_limits() {
+        let mut k = key();
+        k.tenant_policy = PolicyRow {
+            operations: Some("*".into()),
+            ..Default::default()
+        };
+        let unlimited = judge(&k, true, 0).unwrap();
+        assert_eq!(permit(&unlimited, Operation::Images, None), Ok(()));
+        assert_eq!(permit(&unlimited, Operation::Other, None), Ok(()));
+        let limited = |limits: Limits, tenant: bool| {
+            let mut k = k.clone();
+            let row = PolicyRow {
+                limits,
+                ..Default::default()
+            };
+            if tenant {
+                k.tenant_policy.limits = limits;
+            } else {
+                k.key_policy = Some(row);
+            }
+            judge(&k, true, 0).unwrap()
+        };
+        for (limits, tenant) in [
+            (
+                Limits {
+                    tpm: Some(100),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                Limits {
+                    budget_day: Some(100),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                Limits {
+                    budget_month: Some(100),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                Limits {
+                    budget_usd_day: Some(100),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                Limits {
+                    budget_usd_month: Some(100),
+                    ..Default::default()
+                },
+                true,
+            ),
+        ] {
+            let id = limited(limits, tenant);
+            // Their requests reach the model server without a reservation or a count.
+            for op in [
+                Operation::Audio,
+                Operation::Images,
+                Operation::Moderation,
+                Operation::Other,
+            ] {
+                assert_eq!(
+                    permit(&id, op, None),
+                    Err(OPERATION_NOT_COUNTED),
+                    "{op:?} under {limits:?}"
+                );
+            }
+            for op in [
+                Operation::Chat,
+                Operation::Completions,
+                Operation::Embeddings,
+                Operation::Models,
+            ] {
+                assert_eq!(permit(&id, op, None), Ok(()), "{op:?} under {limits:?}");
+            }
+        }
+        // Requests and concurrency are counted for every operation.
+        let id = limited(
+            Limits {
+                rpm: Some(5),
+                max_concurrent: Some(1),
+                ..Default::default()
+            },
+            false,
+        );
+        assert_eq!(permit(&id, Operation::Images, None), Ok(()));
     }
 }

@@ -42,6 +42,15 @@ impl Limits {
     pub fn is_empty(&self) -> bool {
         *self == Limits::default()
     }
+
+    /// Some limit counts tokens or cost (TPM, token or USD budgets), not only requests.
+    pub fn meters_usage(&self) -> bool {
+        self.tpm.is_some()
+            || self.budget_day.is_some()
+            || self.budget_month.is_some()
+            || self.budget_usd_day.is_some()
+            || self.budget_usd_month.is_some()
+    }
 }
 
 /// What a request is checked against, after inheritance.

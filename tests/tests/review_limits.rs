@@ -45,3 +45,64 @@ fn token_budgets_envoy_cannot_carry_are_refused_and_the_largest_one_admits() {
     let r = chat(&stack, &key);
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+#[test]
+fn endpoints_whose_usage_is_not_counted_are_refused_under_token_and_usd_limits() {
+    let stack = start();
+    let (id, key) = stack.create_key("acme", None).unwrap();
+    stack
+        .admin(&[
+            "policy",
+            "set",
+            "--key",
+            &id,
+            "--operations",
+            "*",
+            "--tpm",
+            "1000",
+        ])
+        .unwrap();
+    let auth = format!("Bearer {key}");
+    // The filter passes these through without a reservation: Envoy drops the token
+    // descriptors, so they would run outside the TPM and every budget.
+    for path in [
+        "/v1/responses",
+        "/v1/images/generations",
+        "/v1/audio/speech",
+    ] {
+        let body = json!({"model": "gpt-4o-mini", "input": "hi"});
+        let r =
+            http::post_json(stack.envoy_port, path, &[("authorization", &auth)], &body).unwrap();
+        assert_eq!(
+            (r.status, r.error_code()),
+            (403, "operation_not_allowed".to_string()),
+            "{path}: {}",
+            r.text()
+        );
+    }
+    assert!(
+        stack.mock_requests().unwrap().is_empty(),
+        "an uncounted request reached the model server"
+    );
+    assert_eq!(chat(&stack, &key).status, 200);
+    // Without token or USD limits the policy's operations decide alone.
+    stack
+        .admin(&["policy", "set", "--key", &id, "--unset", "tpm"])
+        .unwrap();
+    // (the policy change reaches the key cache within the event poll)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let r = loop {
+        let r = http::post_json(
+            stack.envoy_port,
+            "/v1/responses",
+            &[("authorization", &auth)],
+            &json!({"model": "gpt-4o-mini", "input": "hi"}),
+        )
+        .unwrap();
+        if r.status != 403 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_ne!(r.status, 403, "{}", r.text());
+}
