@@ -221,7 +221,12 @@ fn retrieved_model(path: &str) -> Option<Option<String>> {
             _ => return Some(None),
         }
     }
-    Some(String::from_utf8(out).ok())
+    // A dot segment would let a server that resolves it reach another model than the one
+    // checked (`qwen2%2F..%2Fllama3`); no model id needs one.
+    let id = String::from_utf8(out)
+        .ok()
+        .filter(|id| !id.split('/').any(|seg| seg == "." || seg == ".."));
+    Some(id)
 }
 
 impl Stream {
@@ -1881,6 +1886,8 @@ mod tests {
         for (config, served) in [(ollama(), &none), (routed, &served)] {
             for (path, status) in [
                 ("/v1/models/llama3.1%3A8b", Some(404)),
+                ("/v1/models/qwen2%2F..%2Fllama3.1:8b", Some(400)),
+                ("/v1/models/qwen2%zz", Some(400)),
                 ("/v1/models/llama3.1:8b", Some(404)),
                 ("/v1/models/qwen2:0.5b", None),
             ] {
