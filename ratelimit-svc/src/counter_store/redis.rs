@@ -61,8 +61,10 @@ impl RedisTarget {
         } else if url.starts_with("redis://") {
             Ok(RedisTarget::Single(url.to_string()))
         } else {
+            // Only the scheme: the rest may carry a password, and this error is logged.
+            let scheme = url.split_once("://").map_or("none", |(s, _)| s);
             Err(StoreError::InvalidUrl(format!(
-                "{url:?}: expected redis:// or redis+cluster://"
+                "scheme {scheme:?}: expected redis:// or redis+cluster:// (TLS to Redis is not built in)"
             )))
         }
     }
@@ -347,6 +349,22 @@ impl CounterStore for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unsupported_url_is_refused_without_echoing_its_password() {
+        for url in [
+            "rediss://:hunter2@redis.internal:6380",
+            "http://u:hunter2@h",
+        ] {
+            let e = RedisTarget::parse(url).unwrap_err().to_string();
+            assert!(!e.contains("hunter2"), "{e}");
+            assert!(e.contains("redis://"), "{e}");
+        }
+        let e = RedisTarget::parse("rediss://:hunter2@h:6380")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rediss"), "the scheme is named: {e}");
+    }
 
     #[test]
     fn urls_select_single_node_or_cluster() {
