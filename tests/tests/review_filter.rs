@@ -128,3 +128,54 @@ fn disguised_requests_never_reach_the_model_server_unchecked() {
     let posts: Vec<_> = seen.iter().filter(|r| r["method"] == "POST").collect();
     assert_eq!(posts.len(), 1, "{seen:?}");
 }
+
+/// Sends a raw HTTP/1.1 request; the whole response text.
+fn raw_http1(port: u16, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn a_chunked_body_split_inside_the_model_is_translated_and_checked() {
+    let stack = Stack::start(StackOptions {
+        filter_config: r#"{"upstream":"ollama"}"#.into(),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("stack did not start: {e}"));
+    let (_, key) = stack.create_key("review", None).unwrap();
+    stack
+        .admin(&["policy", "set", "--tenant", "review", "--models", "qwen2*"])
+        .unwrap();
+    let send = |model: &str| {
+        let body =
+            format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+        let (a, b) = body.split_at(14);
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\
+             content-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+             {:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\nx-trailer: 1\r\n\r\n",
+            a.len(),
+            b.len()
+        );
+        raw_http1(stack.envoy_port, req.as_bytes())
+    };
+    let ok = send("qwen2:0.5b");
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}\n{}", stack.logs());
+    assert!(ok.contains("chat.completion"), "{ok}");
+    let denied = send("llama3.1:8b");
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    let posts: Vec<_> = stack
+        .mock_requests()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r["method"] == "POST")
+        .collect();
+    assert_eq!(posts.len(), 1, "{posts:?}");
+    assert_eq!(posts[0]["path"], "/api/chat");
+}
