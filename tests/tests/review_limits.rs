@@ -106,3 +106,42 @@ fn endpoints_whose_usage_is_not_counted_are_refused_under_token_and_usd_limits()
     };
     assert_ne!(r.status, 403, "{}", r.text());
 }
+
+#[test]
+fn huge_expiry_and_grace_are_far_future_not_a_crash_or_a_dead_key() {
+    let stack = start();
+    let (id, old) = stack.create_key("acme", None).unwrap();
+    let max = i64::MAX.to_string();
+    let out = stack
+        .admin(&[
+            "--json",
+            "key",
+            "create",
+            "--tenant",
+            "acme",
+            "--name",
+            "far",
+            "--expires-in",
+            &max,
+        ])
+        .unwrap();
+    let far: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(chat(&stack, far["key"].as_str().unwrap()).status, 200);
+    // A rotation that panicked after issuing the new key left the old one unrotated.
+    let grace = format!("--grace={max}");
+    let out = stack
+        .admin(&["--json", "key", "rotate", &id, &grace])
+        .unwrap();
+    let new: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(chat(&stack, new["key"].as_str().unwrap()).status, 200);
+    assert_eq!(chat(&stack, &old).status, 200, "the grace is not over");
+    let keys: serde_json::Value =
+        serde_json::from_str(&stack.admin(&["--json", "key", "list"]).unwrap()).unwrap();
+    let old_row = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(old_row["rotated_to"], new["id"], "{keys}");
+}

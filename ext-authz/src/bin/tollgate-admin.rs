@@ -472,8 +472,9 @@ async fn run(cli: Cli) -> Res<()> {
                 if rpm == Some(0) {
                     return Err("--rpm must be at least 1".into());
                 }
-                let expires_at =
-                    expires_at.or(expires_in.map(|s| tollgate_authz::time::unix_now() + s));
+                // Saturating: a huge --expires-in means "far future", not an overflow.
+                let expires_at = expires_at
+                    .or(expires_in.map(|s| tollgate_authz::time::unix_now().saturating_add(s)));
                 let id = issue_key(&store, j, &t, &name, &labels, expires_at).await?;
                 if let Some(rpm) = rpm {
                     let mut row = PolicyRow::default();
@@ -550,7 +551,7 @@ async fn run(cli: Cli) -> Res<()> {
                 if let Some(p) = store.policy(Scope::Key, &key_id).await? {
                     store.put_policy(Scope::Key, &new_id, &p).await?;
                 }
-                let until = tollgate_authz::time::unix_now() + grace;
+                let until = tollgate_authz::time::unix_now().saturating_add(grace);
                 store.expire_key_at(&key_id, until, &new_id).await?;
                 if !j {
                     println!("old key {key_id} stays valid until {until} (unix seconds)");
