@@ -2,7 +2,8 @@
 //! Tollgate's one error shape, which is OpenAI's, for clients whose request was translated.
 //!
 //! The status is the upstream's. Messages of 4xx errors are kept (they say what was wrong with
-//! the request); 5xx messages are replaced, since they may carry upstream internals. The code
+//! the request), but those of 402 and 429 (the provider account's billing and limits) and 5xx
+//! messages are replaced, since they carry the operator's or the upstream's internals. The code
 //! is the upstream's error type when it gives a plain one (`overloaded_error`), else derived
 //! from the status.
 
@@ -83,7 +84,9 @@ pub fn write_stream_error(
 }
 
 fn rendered(status: u16, kind: Option<&str>, message: &str, request_id: &str) -> String {
-    let message = if status >= 500 || message.is_empty() {
+    // 402 and 429 are about the gateway's provider account (its organisation id, limits and
+    // billing in the message), never about the client's request.
+    let message = if status >= 500 || matches!(status, 402 | 429) || message.is_empty() {
         default_message(status)
     } else {
         message
@@ -178,5 +181,42 @@ mod tests {
             v["error"]["message"],
             "the model server refused the request"
         );
+    }
+
+    #[test]
+    fn provider_account_errors_do_not_reach_the_client() {
+        // About the gateway's provider account (organisation id, its limits, its billing),
+        // not about the client's request.
+        let v = body(
+            429,
+            r#"{"error":{"message":"Rate limit reached for gpt-4o-mini in organization org-Ab12 on tokens per min (TPM): Limit 200000","type":"tokens","code":"rate_limit_exceeded"}}"#,
+        );
+        assert_eq!(
+            v["error"]["message"],
+            "the model server is rate limiting requests"
+        );
+        let v = body(
+            402,
+            r#"{"type":"error","error":{"type":"billing_error","message":"Your credit balance is too low for org org-Ab12"}}"#,
+        );
+        assert!(!v.to_string().contains("org-Ab12"), "{v}");
+        let mut out = Vec::new();
+        let ctx = OutputContext {
+            id: "chatcmpl-rid-1".into(),
+            created: 0,
+            model: "m".into(),
+            request_id: "rid-1".into(),
+            include_usage: false,
+            embeddings_base64: false,
+        };
+        write_stream_error(
+            &mut out,
+            429,
+            Some("rate_limit_error"),
+            "org-Ab12 over its limit",
+            &ctx,
+        )
+        .unwrap();
+        assert!(!String::from_utf8_lossy(&out).contains("org-Ab12"));
     }
 }
