@@ -1919,4 +1919,45 @@ mod tests {
             assert_eq!(v["models"][0]["name"], "qwen2:0.5b");
         }
     }
+
+    #[test]
+    fn an_anthropic_stream_cut_before_its_final_usage_costs_the_reservation() {
+        // message_start carries input tokens and an output count of 1; only message_delta
+        // says what was generated. A client that hangs up in between must not get the rest
+        // of the reservation refunded.
+        let config = Config::from_json(br#"{"upstream":"anthropic"}"#).unwrap();
+        let events: &[&[u8]] = &[
+            b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-x\",\"content\":[],\"stop_reason\":null,\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n",
+            b"event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+            b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"a long answer\"}}\n\n",
+        ];
+        for (path, body) in [
+            (
+                "/v1/chat/completions",
+                r#"{"model":"claude-x","stream":true,"max_tokens":500,"messages":[{"role":"user","content":"hi"}]}"#,
+            ),
+            (
+                "/v1/messages",
+                r#"{"model":"claude-x","stream":true,"max_tokens":500,"messages":[{"role":"user","content":"hi"}]}"#,
+            ),
+        ] {
+            let mut host = FakeHost::request("POST", path).with_models("*");
+            let (mut s, _) = send(&mut host, &config, body, None);
+            let reserved = host.state["tollgate_req"].clone();
+            host.response_headers = vec![
+                (":status".into(), "200".into()),
+                ("content-type".into(), "text/event-stream".into()),
+            ];
+            host.properties
+                .insert("response/code_details".into(), b"via_upstream".to_vec());
+            s.on_response_headers(&mut host);
+            for e in events {
+                host.response_chunk = e.to_vec();
+                s.on_response_body(&mut host, e.len(), false);
+            }
+            s.on_log(&mut host, &config);
+            assert_eq!(host.state["tollgate_tokens"], reserved, "{path}");
+            assert_eq!(host.state["tollgate_tokens_refund"], "0", "{path}");
+        }
+    }
 }

@@ -105,6 +105,15 @@ impl UsageMeter {
         }
     }
 
+    /// Anthropic's `message_start`: the input tokens and a provisional output count. Not a
+    /// report: a stream cut before its `message_delta` generated an unknown amount, so the
+    /// reservation must stand rather than be refunded down to one output token.
+    pub fn anthropic_start(&mut self, usage: &AnthropicUsage) {
+        let reported = self.reported;
+        self.anthropic(usage);
+        self.reported = reported;
+    }
+
     /// Anthropic's numbers are cumulative (`message_start`, then each `message_delta`), so
     /// the latest value of each field wins.
     pub fn anthropic(&mut self, usage: &AnthropicUsage) {
@@ -159,7 +168,8 @@ mod tests {
             r#"{"input_tokens":25,"cache_creation_input_tokens":100,"cache_read_input_tokens":3,"output_tokens":1}"#,
         )
         .unwrap();
-        meter.anthropic(&start);
+        meter.anthropic_start(&start);
+        assert!(!meter.reported(), "message_start alone is not a report");
         assert_eq!(meter.count().prompt, 128);
         assert_eq!(meter.count().completion, 1);
         let delta: AnthropicUsage = serde_json::from_str(r#"{"output_tokens":15}"#).unwrap();

@@ -538,7 +538,7 @@ fn count_anthropic_event(data: &[u8], meter: &mut UsageMeter) -> Result<(), Stre
     }
     if let Ok(event) = serde_json::from_slice::<Event>(data) {
         if let Some(usage) = event.message.and_then(|m| m.usage) {
-            meter.anthropic(&usage);
+            meter.anthropic_start(&usage);
         }
         if let Some(usage) = event.usage {
             meter.anthropic(&usage);

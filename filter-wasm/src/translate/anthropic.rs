@@ -444,7 +444,7 @@ impl StreamState {
             "message_start" => {
                 if let Some(message) = &e.message {
                     if let Some(usage) = &message.usage {
-                        meter.anthropic(usage);
+                        meter.anthropic_start(usage);
                     }
                     if let Some(m) = &message.model {
                         self.model = Some(m.as_str().to_owned());
