@@ -179,3 +179,115 @@ fn a_chunked_body_split_inside_the_model_is_translated_and_checked() {
     assert_eq!(posts.len(), 1, "{posts:?}");
     assert_eq!(posts[0]["path"], "/api/chat");
 }
+
+/// A mock model server on a free port: (process, port).
+fn mock(dir: &std::path::Path, name: &str, models: &str) -> (tollgate_e2e::process::Proc, u16) {
+    let mut cmd = std::process::Command::new(tollgate_e2e::paths::binary("mock-model-server"));
+    cmd.args(["--listen", "127.0.0.1:0", "--models", models]);
+    let mut proc = tollgate_e2e::process::Proc::spawn(name, cmd, dir).unwrap();
+    let addr = proc
+        .wait_for_line("LISTENING ", std::time::Duration::from_secs(20))
+        .unwrap();
+    let port = addr.rsplit(':').next().unwrap().trim().parse().unwrap();
+    (proc, port)
+}
+
+fn posts(port: u16) -> Vec<serde_json::Value> {
+    match http::get(port, "/__mock/requests", &[]).unwrap().json() {
+        serde_json::Value::Array(a) => a.into_iter().filter(|r| r["method"] == "POST").collect(),
+        other => panic!("mock requests: {other}"),
+    }
+}
+
+#[test]
+fn routed_trailers_and_model_details_reach_the_models_backend_only_when_allowed() {
+    use tollgate_e2e::routing_config::RoutingSpec;
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-review-{}-{}",
+        std::process::id(),
+        tollgate_e2e::process::free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_a, a) = mock(&dir, "ollama-a", "llama3.1:8b,qwen2:0.5b");
+    let (_b, b) = mock(&dir, "ollama-b", "llama3.1:8b,qwen2:0.5b");
+    let (_c, c) = mock(&dir, "hosted", "gpt-4o-mini");
+    let host = |p: u16| ("127.0.0.1".to_string(), p);
+    let spec = RoutingSpec {
+        ollama_a: host(a),
+        ollama_b: host(b),
+        hosted: host(c),
+        hosted_tls: false,
+        hosted_key_env: "TOLLGATE_REVIEW_HOSTED_KEY".into(),
+        health_interval_ms: 300,
+        discovery_interval_ms: 300,
+    };
+    let stack = Stack::start(StackOptions {
+        model: Some(host(a)),
+        filter_config: spec.filter_config(),
+        routing: Some(spec),
+        envoy_env: vec![("TOLLGATE_REVIEW_HOSTED_KEY".into(), "sk-review".into())],
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("stack did not start: {e}"));
+    let (_, key) = stack.create_key("review", None).unwrap();
+    stack
+        .admin(&[
+            "policy",
+            "set",
+            "--tenant",
+            "review",
+            "--models",
+            "gpt-4o-mini,chat-hosted",
+        ])
+        .unwrap();
+    let auth = format!("Bearer {key}");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    // Until discovery knows the Ollama backends (a refusal then says 403, not 503).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let r = http::request(
+            stack.envoy_port,
+            "POST",
+            "/api/show",
+            &headers,
+            br#"{"model":"qwen2:0.5b"}"#,
+        )
+        .unwrap();
+        if r.status == 403 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} {}",
+            r.status,
+            r.text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    let chat = |model: &str| {
+        format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#)
+    };
+    let status = h2_post_with_trailers(
+        stack.envoy_port,
+        "/v1/chat/completions",
+        &key,
+        &chat("llama3.1:8b"),
+    );
+    assert_eq!(status, 403);
+    let status = h2_post_with_trailers(
+        stack.envoy_port,
+        "/v1/chat/completions",
+        &key,
+        &chat("chat-hosted"),
+    );
+    assert_eq!(status, 200, "{}", stack.logs());
+    assert_eq!(posts(c).len(), 1, "the hosted backend got the request");
+    assert!(
+        posts(a).is_empty() && posts(b).is_empty(),
+        "no Ollama host saw a request"
+    );
+}
