@@ -264,8 +264,14 @@ fn refusal(counts: Counts, limit: &Limit) -> (&'static str, &'static str) {
     }
 }
 
-/// Builds Envoy's answer from a decision; `counts` says, per descriptor, what it counts.
-pub fn response_for(decision: &Decision, counts: &[Counts], request_id: &str) -> RateLimitResponse {
+/// Builds Envoy's answer from a decision; `counts` says, per descriptor, what it counts, and
+/// `hits` how much it asked for.
+pub fn response_for(
+    decision: &Decision,
+    counts: &[Counts],
+    hits: &[u64],
+    request_id: &str,
+) -> RateLimitResponse {
     let kinds = || {
         counts
             .iter()
@@ -282,19 +288,26 @@ pub fn response_for(decision: &Decision, counts: &[Counts], request_id: &str) ->
         .outcomes
         .iter()
         .zip(kinds())
-        .filter_map(|(o, c)| match o {
+        .zip(hits.iter().copied().chain(std::iter::repeat(1)))
+        .filter_map(|((o, c), h)| match o {
             Outcome::Counted {
                 limit,
                 shadow: false,
                 verdict,
                 ..
-            } => Some((c, *limit, *verdict)),
+            } => Some((c, *limit, *verdict, h)),
             _ => None,
         });
     let mut over: Option<(Counts, Limit, Verdict)> = None;
+    // A reservation larger than a whole limit's burst: no wait ever admits it.
+    let mut oversized: Option<(Counts, Limit, u64)> = None;
     let mut tightest_requests: Option<(Limit, Verdict)> = None;
     let mut tightest_tokens: Option<(Limit, Verdict)> = None;
-    for (c, limit, v) in enforced {
+    for (c, limit, v, h) in enforced {
+        let metered = matches!(c, Counts::Tokens | Counts::Usd);
+        if !v.allowed && metered && h > u64::from(limit.requests_per_unit) && oversized.is_none() {
+            oversized = Some((c, limit, h));
+        }
         // The request is admitted once every denying limit admits: report the longest wait.
         if !v.allowed && over.is_none_or(|(_, _, o)| v.retry_after > o.retry_after) {
             over = Some((c, limit, v));
@@ -334,7 +347,21 @@ pub fn response_for(decision: &Decision, counts: &[Counts], request_id: &str) ->
             ]);
         }
     }
-    if decision.over_limit {
+    if let (true, Some((c, limit, h))) = (decision.over_limit, oversized) {
+        response.overall_code = Code::OverLimit as i32;
+        let (code, what) = refusal(c, &limit);
+        let message = format!(
+            "{what}: this request's reservation ({h}) is larger than the whole limit ({} per {}), \
+             so no wait admits it; ask for fewer max_tokens",
+            limit.requests_per_unit,
+            limit.unit.name()
+        );
+        response.response_headers_to_add.extend([
+            header("content-type", "application/json".to_string()),
+            header(metadata::HEADER_ERROR, code.to_string()),
+        ]);
+        response.raw_body = error_body::render(429, code, &message, request_id).into_bytes();
+    } else if decision.over_limit {
         response.overall_code = Code::OverLimit as i32;
         let retry = over.map_or(1, |(_, _, v)| ceil_secs(v.retry_after).max(1));
         let (code, what) = over.map_or(
@@ -393,7 +420,11 @@ pub async fn decide<S: CounterStore>(
             }
         })
         .collect();
-    Ok((response_for(&decision, &counts, request_id), decision))
+    let hits: Vec<u64> = descriptors.iter().map(|d| d.hits).collect();
+    Ok((
+        response_for(&decision, &counts, &hits, request_id),
+        decision,
+    ))
 }
 
 /// The ledger records of a stream-done call: one per `usage` descriptor that used tokens,
@@ -694,6 +725,51 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.overall_code, OVER);
+    }
+
+    #[tokio::test]
+    async fn a_reservation_larger_than_the_whole_limit_is_not_told_to_retry() {
+        let store = MemoryStore::new();
+        let config = Config::default();
+        // 5000 tokens asked against 1000 per minute: no wait ever admits it.
+        for d in [
+            tokens("tokens", 1000, 2, 5000),
+            usd("tokens", 1000, 4, 5000),
+        ] {
+            let (r, _) = decide(&store, &config, &request(vec![d]), TTL)
+                .await
+                .unwrap();
+            assert_eq!(r.overall_code, OVER);
+            assert_eq!(
+                header_value(&r, "retry-after"),
+                None,
+                "retrying cannot help"
+            );
+            let body: serde_json::Value = serde_json::from_slice(&r.raw_body).unwrap();
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("larger than the whole limit"), "{message}");
+            assert!(!message.contains("retry in"), "{message}");
+        }
+        // One that fits the limit, later, is still told when.
+        let (r, _) = decide(
+            &store,
+            &config,
+            &request(vec![tokens("tokens", 1000, 2, 1000)]),
+            TTL,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.overall_code, OK);
+        let (r, _) = decide(
+            &store,
+            &config,
+            &request(vec![tokens("tokens", 1000, 2, 10)]),
+            TTL,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.overall_code, OVER);
+        assert!(header_value(&r, "retry-after").is_some());
     }
 
     #[tokio::test]

@@ -145,3 +145,35 @@ fn huge_expiry_and_grace_are_far_future_not_a_crash_or_a_dead_key() {
         .unwrap();
     assert_eq!(old_row["rotated_to"], new["id"], "{keys}");
 }
+
+#[test]
+fn max_tokens_beyond_the_whole_tpm_is_refused_without_a_retry_that_cannot_help() {
+    let stack = start();
+    let (id, key) = stack.create_key("acme", None).unwrap();
+    stack
+        .admin(&["policy", "set", "--key", &id, "--tpm", "100"])
+        .unwrap();
+    let auth = format!("Bearer {key}");
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 5000,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let r = http::post_json(
+        stack.envoy_port,
+        "/v1/chat/completions",
+        &[("authorization", &auth)],
+        &body,
+    )
+    .unwrap();
+    assert_eq!(
+        (r.status, r.error_code()),
+        (429, "tokens_exhausted".to_string())
+    );
+    // A client (OpenAI's SDKs do) would wait and retry forever.
+    assert_eq!(r.header("retry-after"), None, "{:?}", r.headers);
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("max_tokens"), "{message}");
+    assert_eq!(
+        chat(&stack, &key).status,
+        200,
+        "a request that fits still runs"
+    );
+}
