@@ -67,6 +67,10 @@ const PROMPT_LOG_MAX: usize = 16 * 1024;
 /// Model listings are read up to this to be filtered; past it the listing is refused.
 const LISTING_MAX: usize = 4 * 1024 * 1024;
 
+/// Events of a stream that carry no generated token (role, block starts and stops, finish,
+/// usage, `[DONE]`, Anthropic's pings): a cut stream is charged for its events beyond these.
+const STREAM_EVENTS_WITHOUT_TOKENS: u64 = 16;
+
 /// How the response of one request is handled.
 enum Response {
     /// Forwarded untouched.
@@ -888,22 +892,30 @@ impl Stream {
             .unwrap_or_default();
         let (used, cost) = match details.as_slice() {
             b"via_upstream" => {
-                let (prompt, completion, reported) = match &self.response {
+                let (prompt, completion, reported, events) = match &self.response {
                     Response::Transcode(t) | Response::Listing { transcoder: t, .. } => {
                         let u = t.usage();
-                        (u.prompt, u.completion, t.usage_reported())
+                        (
+                            u.prompt,
+                            u.completion,
+                            t.usage_reported(),
+                            t.stream_events(),
+                        )
                     }
-                    _ => (0, 0, false),
+                    _ => (0, 0, false, 0),
                 };
                 host.set_property(metadata::FILTER_STATE_TOKENS_IN, &prompt.to_string());
                 host.set_property(metadata::FILTER_STATE_TOKENS_OUT, &completion.to_string());
                 // Nothing reported (aborted stream, upstream without usage): the reservation
-                // stands, so an unreported response is never free.
+                // stands, so an unreported response is never free; and a stream cut after
+                // more events than that went by costs at least one token per event.
                 if reported {
                     let cost = self.cost_reserved.map(|(p, _)| p.cost(prompt, completion));
                     (prompt + completion, cost)
                 } else {
-                    (reserved, self.cost_reserved.map(|(_, c)| c))
+                    let streamed = events.saturating_sub(STREAM_EVENTS_WITHOUT_TOKENS);
+                    let cost = self.cost_reserved.map(|(p, c)| c.max(p.cost(0, streamed)));
+                    (reserved.max(streamed), cost)
                 }
             }
             // The rate limiter refused or failed: nothing was reserved.
@@ -1959,5 +1971,45 @@ mod tests {
             assert_eq!(host.state["tollgate_tokens"], reserved, "{path}");
             assert_eq!(host.state["tollgate_tokens_refund"], "0", "{path}");
         }
+    }
+
+    #[test]
+    fn a_stream_cut_before_its_usage_costs_at_least_what_went_by() {
+        // No max_tokens: the reservation is the default; the client hangs up after many
+        // chunks, before the usage chunk. It pays for the chunks it got, not the default.
+        let config = Config::from_json(br#"{"default_reservation_tokens":10}"#).unwrap();
+        let body = r#"{"model":"m","stream":true,"messages":[]}"#;
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        let (mut s, _) = send(&mut host, &config, body, None);
+        let reserved: u64 = host.state["tollgate_req"].parse().unwrap();
+        host.response_headers = vec![(":status".into(), "200".into())];
+        host.properties
+            .insert("response/code_details".into(), b"via_upstream".to_vec());
+        s.on_response_headers(&mut host);
+        let chunk = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\n";
+        for _ in 0..500 {
+            host.response_chunk = chunk.to_vec();
+            s.on_response_body(&mut host, chunk.len(), false);
+        }
+        s.on_log(&mut host, &config);
+        let used: u64 = host.state["tollgate_tokens"].parse().unwrap();
+        assert!(used >= 500 - STREAM_EVENTS_WITHOUT_TOKENS && used > reserved, "{used}");
+        assert_eq!(host.state["tollgate_tokens_refund"], "0");
+        assert_eq!(
+            host.state["tollgate_tokens_extra"],
+            (used - reserved).to_string()
+        );
+
+        // A short cut stream still costs its reservation.
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        let (mut s, _) = send(&mut host, &config, body, None);
+        host.response_headers = vec![(":status".into(), "200".into())];
+        host.properties
+            .insert("response/code_details".into(), b"via_upstream".to_vec());
+        s.on_response_headers(&mut host);
+        host.response_chunk = chunk.to_vec();
+        s.on_response_body(&mut host, chunk.len(), false);
+        s.on_log(&mut host, &config);
+        assert_eq!(host.state["tollgate_tokens"], host.state["tollgate_req"]);
     }
 }

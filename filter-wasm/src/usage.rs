@@ -72,9 +72,21 @@ pub struct OllamaCounts {
 pub struct UsageMeter {
     count: TokenCount,
     reported: bool,
+    events: u64,
 }
 
 impl UsageMeter {
+    /// One event (SSE) or line (NDJSON) of a streamed response went by.
+    pub fn event(&mut self) {
+        self.events = self.events.saturating_add(1);
+    }
+
+    /// Events and lines of a streamed response so far: nearly each carries at least one
+    /// generated token, so it bounds what a stream cut before its usage report produced.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
     pub fn count(&self) -> TokenCount {
         self.count
     }

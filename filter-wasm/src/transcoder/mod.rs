@@ -209,6 +209,11 @@ impl ResponseTranscoder {
         self.meter.count()
     }
 
+    /// Events or lines of a streamed response so far (see [`UsageMeter::events`]).
+    pub fn stream_events(&self) -> u64 {
+        self.meter.events()
+    }
+
     /// Whether the upstream reported usage at all; when not, [`usage`](Self::usage) is zero
     /// because nothing is known, and the caller should debit its reservation instead.
     pub fn usage_reported(&self) -> bool {
@@ -351,7 +356,10 @@ impl Mode {
                 out.extend_from_slice(chunk);
                 if *counting {
                     *counting = ndjson
-                        .feed(chunk, |line| count_ollama_line(line, meter))
+                        .feed(chunk, |line| {
+                            meter.event();
+                            count_ollama_line(line, meter)
+                        })
                         .is_ok();
                 }
                 Ok(())
@@ -360,7 +368,10 @@ impl Mode {
                 out.extend_from_slice(chunk);
                 if *counting {
                     *counting = sse
-                        .feed(chunk, |event| count_anthropic_event(event.data, meter))
+                        .feed(chunk, |event| {
+                            meter.event();
+                            count_anthropic_event(event.data, meter)
+                        })
                         .is_ok();
                 }
                 Ok(())
@@ -369,12 +380,14 @@ impl Mode {
                 stream.push(chunk, meter, out);
                 Ok(())
             }
-            Mode::OllamaStream { ndjson, state } => {
-                ndjson.feed(chunk, |line| state.line(line, ctx, meter, out))
-            }
-            Mode::AnthropicStream { sse, state } => {
-                sse.feed(chunk, |event| state.event(event.data, ctx, meter, out))
-            }
+            Mode::OllamaStream { ndjson, state } => ndjson.feed(chunk, |line| {
+                meter.event();
+                state.line(line, ctx, meter, out)
+            }),
+            Mode::AnthropicStream { sse, state } => sse.feed(chunk, |event| {
+                meter.event();
+                state.event(event.data, ctx, meter, out)
+            }),
             Mode::Body {
                 fields,
                 reduced,
@@ -593,6 +606,7 @@ fn openai_segment(
             }
             let keep = match line.strip_prefix(b"data:") {
                 Some(data) => {
+                    meter.event();
                     let data = data.strip_prefix(b" ").unwrap_or(data);
                     match serde_json::from_slice::<ChunkUsage>(data) {
                         Ok(chunk) => {
