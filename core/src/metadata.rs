@@ -65,6 +65,13 @@ pub const UNIT_USD: &str = "usd";
 /// (Envoy crashed, the admission call was cancelled) cannot hold its slot for ever.
 pub const PHASE_LEASE: &str = "lease";
 pub const PHASE_RELEASE: &str = "release";
+/// ext_authz metadata and descriptor entry: a nonce tollgate-authz draws per check for keys
+/// with a concurrency limit. A slot is held under it rather than under `x-request-id`, which
+/// Envoy keeps from the client with `preserve_external_request_id` (or from internal
+/// addresses): a reused id would otherwise let a refused request's release free another
+/// stream's slot. `-` (Envoy's default when an older tollgate-authz sent none) falls back
+/// to the request id.
+pub const LEASE_ID: &str = "lease_id";
 /// At stream end: the tokens the stream really used (`hits_addend`), for the budget ledger.
 /// Never counted against a limit.
 pub const PHASE_USAGE: &str = "usage";

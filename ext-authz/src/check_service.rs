@@ -146,6 +146,17 @@ pub fn identity_metadata(id: &Identity) -> Struct {
             limit_value(n.into(), "MINUTE"),
         );
     }
+    if id.policy.key_limits.max_concurrent.is_some()
+        || id.policy.tenant_limits.max_concurrent.is_some()
+    {
+        // Per check, so the slot is this request's whatever x-request-id the client sent.
+        let nonce = format!(
+            "{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
+        fields.insert(LEASE_ID.into(), string_value(&nonce));
+    }
     Struct { fields }
 }
 
@@ -407,6 +418,22 @@ mod tests {
             limit(&md["tenant_budget_day"]),
             (f64::from(u32::MAX), "DAY".into())
         );
+    }
+
+    #[test]
+    fn a_concurrency_limit_gets_a_fresh_lease_id_per_check() {
+        let mut id = identity();
+        id.policy.key_limits.max_concurrent = None;
+        id.policy.tenant_limits.max_concurrent = None;
+        assert!(!identity_metadata(&id).fields.contains_key("lease_id"));
+        id.policy.tenant_limits.max_concurrent = Some(2);
+        let nonce = |id: &Identity| match &identity_metadata(id).fields["lease_id"].kind {
+            Some(Kind::StringValue(s)) => s.clone(),
+            other => panic!("lease_id must be a string: {other:?}"),
+        };
+        let (a, b) = (nonce(&id), nonce(&id));
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b, "one slot per request, whatever its x-request-id");
     }
 
     #[test]

@@ -96,6 +96,7 @@ pub fn parse_descriptor(
     request_hits: u32,
 ) -> (Descriptor<'_>, Option<&str>) {
     let mut request_id = None;
+    let mut lease_id = None;
     let mut entries = Vec::with_capacity(d.entries.len());
     let (mut tokens, mut debit, mut phase_refund) = (false, false, false);
     let mut lease_phase = None;
@@ -105,6 +106,9 @@ pub fn parse_descriptor(
         // part of a counter key.
         if e.key == metadata::DESCRIPTOR_REQUEST_ID {
             request_id = Some(e.value.as_str());
+        } else if e.key == metadata::LEASE_ID {
+            // Names the slot, not the limit: never part of the set's key.
+            lease_id = Some(e.value.as_str()).filter(|v| !v.is_empty() && *v != "-");
         } else if e.key == metadata::DESCRIPTOR_PHASE
             && (e.value == metadata::PHASE_LEASE || e.value == metadata::PHASE_RELEASE)
         {
@@ -136,9 +140,10 @@ pub fn parse_descriptor(
         None if request_hits > 0 => u64::from(request_hits),
         None => 1,
     };
-    // The slot is held under the request id; without one the lease is denied.
+    // The slot is held under tollgate-authz's per-check nonce, else the request id;
+    // without either the lease is denied.
     let lease = lease_phase.map(|acquire| {
-        let id = request_id.unwrap_or("");
+        let id = lease_id.or(request_id).unwrap_or("");
         if acquire {
             Lease::Acquire(id)
         } else {
@@ -714,6 +719,34 @@ mod tests {
         // A request id that already holds a slot cannot take a second one.
         decide_one(lease("release", "r2", 2)).await;
         assert_eq!(decide_one(lease("lease", "r4", 2)).await.overall_code, OVER);
+    }
+
+    #[tokio::test]
+    async fn a_slot_is_held_under_the_authz_lease_id_not_a_reused_request_id() {
+        let store = MemoryStore::new();
+        let config = Config::default();
+        let with_nonce = |phase: &str, nonce: &str| {
+            let mut d = lease(phase, "client-chosen", 1);
+            d.entries.insert(2, entry("lease_id", nonce));
+            d
+        };
+        let run = |d: RateLimitDescriptor| {
+            let req = request(vec![d]);
+            let (store, config) = (&store, &config);
+            async move { decide(store, config, &req, TTL).await.unwrap().0 }
+        };
+        assert_eq!(run(with_nonce("lease", "n1")).await.overall_code, OK);
+        // Another request with the same x-request-id: refused, and its release frees nothing.
+        assert_eq!(run(with_nonce("lease", "n2")).await.overall_code, OVER);
+        run(with_nonce("release", "n2")).await;
+        assert_eq!(run(with_nonce("lease", "n3")).await.overall_code, OVER);
+        run(with_nonce("release", "n1")).await;
+        assert_eq!(run(with_nonce("lease", "n3")).await.overall_code, OK);
+        // Envoy's default when tollgate-authz sent no lease_id: the request id, as before.
+        let fallback = with_nonce("lease", "-");
+        let (p, _) = parse_descriptor(&fallback, 0);
+        assert_eq!(p.lease, Some(Lease::Acquire("client-chosen")));
+        assert_eq!(p.entries, [("key_id", "k1"), ("tollgate_phase", "lease")]);
     }
 
     #[tokio::test]

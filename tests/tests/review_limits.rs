@@ -177,3 +177,76 @@ fn max_tokens_beyond_the_whole_tpm_is_refused_without_a_retry_that_cannot_help()
         "a request that fits still runs"
     );
 }
+
+/// The local template with Envoy keeping the client's `x-request-id` (operators turn this on
+/// to correlate traces with their clients'; Envoy also keeps it from "internal" addresses).
+fn preserving_request_ids(config: &str) -> Result<String, String> {
+    let from = "use_remote_address: true\n";
+    if !config.contains(from) {
+        return Err("no use_remote_address in the rendered config".into());
+    }
+    Ok(config.replacen(
+        from,
+        "use_remote_address: true\n          preserve_external_request_id: true\n",
+        1,
+    ))
+}
+
+#[test]
+fn a_reused_request_id_cannot_free_another_streams_slot() {
+    let stack = Stack::start(StackOptions {
+        envoy_transform: Some(preserving_request_ids),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("stack did not start: {e}"));
+    let (id, key) = stack.create_key("acme", None).unwrap();
+    stack
+        .admin(&["policy", "set", "--key", &id, "--max-concurrent", "1"])
+        .unwrap();
+    let port = stack.envoy_port;
+    let slow = |key: String| {
+        std::thread::spawn(move || {
+            let auth = format!("Bearer {key}");
+            let body = json!({"model": "gpt-4o-mini", "stream": true, "max_tokens": 20,
+                              "messages": [{"role": "user", "content": "hi"}]});
+            http::post_json(
+                port,
+                "/v1/chat/completions",
+                &[
+                    ("authorization", &auth),
+                    ("x-request-id", "same-id"),
+                    ("x-mock-chunks", "10"),
+                    ("x-mock-chunk-delay-ms", "150"),
+                ],
+                &body,
+            )
+            .unwrap()
+        })
+    };
+    let first = slow(key.clone());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The same id again: refused (the one slot is taken), and the refused request's release
+    // must not free the first stream's slot.
+    let auth = format!("Bearer {key}");
+    let same = |rid: &str| {
+        http::post_json(
+            port,
+            "/v1/chat/completions",
+            &[("authorization", &auth), ("x-request-id", rid)],
+            &json!({"model": "gpt-4o-mini", "max_tokens": 20,
+                    "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .unwrap()
+    };
+    let r = same("same-id");
+    assert_eq!(r.status, 429, "{}", r.text());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let r = same("same-id");
+    assert_eq!(
+        (r.status, r.error_code()),
+        (429, "too_many_concurrent".to_string()),
+        "a second stream ran beside the first: {}",
+        r.text()
+    );
+    assert_eq!(first.join().unwrap().status, 200);
+}
