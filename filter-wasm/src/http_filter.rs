@@ -920,8 +920,11 @@ impl Stream {
             }
             // The rate limiter refused or failed: nothing was reserved.
             b"request_rate_limited" | b"rate_limiter_error" => return,
-            // Admitted, then the upstream failed before answering: no tokens were used.
-            _ => (0, self.cost_reserved.map(|_| 0)),
+            // Admitted, then the request never reached a model server: no tokens were used.
+            d if never_reached_the_model(d) => (0, self.cost_reserved.map(|_| 0)),
+            // Admitted and sent, then no answer reached the client (it hung up, a timeout,
+            // a reset): the server may have generated it all, so the reservation stands.
+            _ => (reserved, self.cost_reserved.map(|(_, c)| c)),
         };
         host.set_property(metadata::FILTER_STATE_TOKENS, &used.to_string());
         host.set_property(
@@ -944,6 +947,18 @@ impl Stream {
             );
         }
     }
+}
+
+/// Envoy's response code details of a request that ended before any model server got it
+/// (connection refused or timed out, no healthy host, circuit breaker).
+fn never_reached_the_model(details: &[u8]) -> bool {
+    let details = String::from_utf8_lossy(details);
+    matches!(
+        details.as_ref(),
+        "no_healthy_upstream" | "cluster_not_found" | "route_not_found" | "direct_response"
+    ) || details.contains("connection_failure")
+        || details.contains("{overflow}")
+        || details.contains("refused_stream")
 }
 
 /// Request-headers phase as a free function (kept for callers that only block).
@@ -1488,8 +1503,10 @@ mod tests {
 
         let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
         let (mut s, _) = send(&mut host, &config, body, None);
-        host.properties
-            .insert("response/code_details".into(), b"upstream_reset".to_vec());
+        host.properties.insert(
+            "response/code_details".into(),
+            b"upstream_reset_before_response_started{connection_failure}".to_vec(),
+        );
         s.on_log(&mut host, &config);
         assert_eq!(host.state["tollgate_cost"], "0");
         assert_eq!(host.state["tollgate_cost_refund"], reserved);
@@ -1993,7 +2010,10 @@ mod tests {
         }
         s.on_log(&mut host, &config);
         let used: u64 = host.state["tollgate_tokens"].parse().unwrap();
-        assert!(used >= 500 - STREAM_EVENTS_WITHOUT_TOKENS && used > reserved, "{used}");
+        assert!(
+            used >= 500 - STREAM_EVENTS_WITHOUT_TOKENS && used > reserved,
+            "{used}"
+        );
         assert_eq!(host.state["tollgate_tokens_refund"], "0");
         assert_eq!(
             host.state["tollgate_tokens_extra"],
@@ -2011,5 +2031,41 @@ mod tests {
         s.on_response_body(&mut host, chunk.len(), false);
         s.on_log(&mut host, &config);
         assert_eq!(host.state["tollgate_tokens"], host.state["tollgate_req"]);
+    }
+
+    #[test]
+    fn a_client_that_hangs_up_before_the_answer_keeps_its_reservation_spent() {
+        // The model server works on a non-streamed request until it answers; a client that
+        // disconnects just before must not get the whole reservation back (free generation
+        // on a hosted provider's bill). Only failures before the server got the request
+        // refund it.
+        let config = priced(false);
+        let body = r#"{"model":"llama3.1:8b","max_tokens":4000,"messages":[]}"#;
+        for (details, charged) in [
+            ("downstream_remote_disconnect", true),
+            ("upstream_response_timeout", true),
+            ("upstream_reset_before_response_started{remote_reset}", true),
+            (
+                "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}",
+                false,
+            ),
+            ("no_healthy_upstream", false),
+            ("upstream_reset_before_response_started{overflow}", false),
+        ] {
+            let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+            let (mut s, _) = send(&mut host, &config, body, None);
+            host.properties
+                .insert("response/code_details".into(), details.as_bytes().to_vec());
+            s.on_log(&mut host, &config);
+            let (reserved, cost) = (&host.state["tollgate_req"], &host.state["tollgate_cost_req"]);
+            if charged {
+                assert_eq!(&host.state["tollgate_tokens"], reserved, "{details}");
+                assert_eq!(&host.state["tollgate_cost"], cost, "{details}");
+                assert_eq!(host.state["tollgate_tokens_refund"], "0", "{details}");
+            } else {
+                assert_eq!(host.state["tollgate_tokens"], "0", "{details}");
+                assert_eq!(host.state["tollgate_cost"], "0", "{details}");
+            }
+        }
     }
 }
