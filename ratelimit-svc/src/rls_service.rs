@@ -189,10 +189,12 @@ pub fn openai_duration(n: Nanos) -> String {
 fn status_for(outcome: &Outcome, counts: Counts) -> DescriptorStatus {
     match outcome {
         // Not a rate: no limit or reset for Envoy's x-ratelimit-* headers.
-        Outcome::Counted { verdict: v, .. } if counts == Counts::Concurrency => DescriptorStatus {
-            code: if v.allowed { Code::Ok } else { Code::OverLimit } as i32,
-            ..Default::default()
-        },
+        Outcome::Counted { verdict: v, .. } if matches!(counts, Counts::Concurrency { .. }) => {
+            DescriptorStatus {
+                code: if v.allowed { Code::Ok } else { Code::OverLimit } as i32,
+                ..Default::default()
+            }
+        }
         Outcome::NotLimited => DescriptorStatus {
             code: Code::Ok as i32,
             ..Default::default()
@@ -236,8 +238,10 @@ pub enum Counts {
     Tokens,
     /// Cost in `tollgate_core::usd` units (a token-phase descriptor with `tollgate_unit=usd`).
     Usd,
-    /// Concurrent requests (leases).
-    Concurrency,
+    /// Concurrent requests (leases); `tenant`: the slots all of a tenant's keys share.
+    Concurrency {
+        tenant: bool,
+    },
 }
 
 /// A token-phase descriptor whose counter counts cost (`tollgate_unit=usd`), not tokens.
@@ -262,9 +266,13 @@ fn refusal(counts: Counts, limit: &Limit) -> (&'static str, &'static str) {
         Counts::Tokens if is_budget(limit) => ("budget_exceeded", "token budget used up"),
         Counts::Tokens => ("tokens_exhausted", "token rate limit reached"),
         Counts::Usd => ("budget_exceeded", "USD budget used up"),
-        Counts::Concurrency => (
+        Counts::Concurrency { tenant: false } => (
             "too_many_concurrent",
             "too many concurrent requests for this key",
+        ),
+        Counts::Concurrency { tenant: true } => (
+            "too_many_concurrent",
+            "too many concurrent requests for this key's tenant",
         ),
     }
 }
@@ -322,7 +330,7 @@ pub fn response_for(
             Counts::Tokens if is_budget(&limit) => continue,
             Counts::Tokens => &mut tightest_tokens,
             // Money is not a rate: no x-ratelimit-* figures.
-            Counts::Usd | Counts::Concurrency => continue,
+            Counts::Usd | Counts::Concurrency { .. } => continue,
         };
         if slot.is_none_or(|(_, t)| v.remaining < t.remaining) {
             *slot = Some((limit, v));
@@ -415,7 +423,12 @@ pub async fn decide<S: CounterStore>(
         .iter()
         .map(|d| {
             if d.lease.is_some() {
-                Counts::Concurrency
+                Counts::Concurrency {
+                    tenant: d
+                        .entries
+                        .first()
+                        .is_some_and(|(k, _)| *k == metadata::TENANT_ID),
+                }
             } else if d.tokens && counts_usd(d) {
                 Counts::Usd
             } else if d.tokens {
@@ -747,6 +760,38 @@ mod tests {
         let (p, _) = parse_descriptor(&fallback, 0);
         assert_eq!(p.lease, Some(Lease::Acquire("client-chosen")));
         assert_eq!(p.entries, [("key_id", "k1"), ("tollgate_phase", "lease")]);
+    }
+
+    #[tokio::test]
+    async fn a_full_tenant_is_named_in_the_refusal() {
+        let store = MemoryStore::new();
+        let tenant_lease = |rid: &str| {
+            let mut d = lease("lease", rid, 1);
+            d.entries[0] = entry("tenant_id", "t1");
+            d
+        };
+        let run = |d: RateLimitDescriptor| {
+            let req = request(vec![d]);
+            let store = &store;
+            async move {
+                decide(store, &Config::default(), &req, TTL)
+                    .await
+                    .unwrap()
+                    .0
+            }
+        };
+        assert_eq!(run(tenant_lease("r1")).await.overall_code, OK);
+        let r = run(tenant_lease("r2")).await;
+        let body: serde_json::Value = serde_json::from_slice(&r.raw_body).unwrap();
+        assert_eq!(body["error"]["code"], "too_many_concurrent");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("tenant"), "{message}");
+        // A key's own slots are the key's.
+        assert_eq!(run(lease("lease", "r3", 1)).await.overall_code, OK);
+        let r = run(lease("lease", "r4", 1)).await;
+        let body: serde_json::Value = serde_json::from_slice(&r.raw_body).unwrap();
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(!message.contains("tenant"), "{message}");
     }
 
     #[tokio::test]
