@@ -449,3 +449,42 @@ fn sigterm_flushes_the_ledger_before_the_rate_limiter_exits() {
     assert_eq!(rt.block_on(total(&db, "key_id", &key_id)), (1, 12));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_second_rate_limiter_on_the_same_ledger_buffer_is_refused() {
+    let dir = temp_dir("shared");
+    let ledger = format!("sqlite://{}", dir.join("ledger.db").display());
+    let buffer = dir.join("buffer").display().to_string();
+    let start = |name: &str| {
+        let mut cmd = std::process::Command::new(tollgate_e2e::paths::binary("tollgate-ratelimit"));
+        cmd.args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args(["--ledger-url", &ledger, "--ledger-buffer", &buffer]);
+        Proc::spawn(name, cmd, &dir).unwrap()
+    };
+    let mut first = start("first");
+    first
+        .wait_for_line("LISTENING ", Duration::from_secs(30))
+        .unwrap();
+    // A replica scaled onto the same volume would number its records like the first one
+    // and the database would drop half of them: it must not start.
+    let mut second = start("second");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while second.alive() {
+        assert!(Instant::now() < deadline, "the second writer kept running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = second.log_text();
+    assert!(
+        log.contains("in use by another tollgate-ratelimit"),
+        "{log}"
+    );
+    assert!(first.alive(), "the first one keeps its buffer");
+    // Once the first is gone (a crash leaves no stale lock), a new one takes the buffer.
+    first.kill();
+    let mut third = start("third");
+    third
+        .wait_for_line("LISTENING ", Duration::from_secs(30))
+        .unwrap();
+    third.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}

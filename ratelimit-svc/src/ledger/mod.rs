@@ -142,6 +142,7 @@ impl Ledger {
         let (len_tx, len_rx) = watch::channel(opened.len);
         let (flush_tx, flush_rx) = mpsc::unbounded_channel();
         let writer = Writer {
+            _lock: opened.lock,
             dir: dir.clone(),
             file: Arc::new(opened.file),
             len: opened.len,
@@ -208,6 +209,8 @@ impl Ledger {
 /// Appends and fsyncs; never waits on SQL, so a slow or unreachable database cannot hold
 /// usage in memory where a crash would lose it.
 struct Writer {
+    /// Keeps the buffer directory locked while this writer runs.
+    _lock: File,
     dir: PathBuf,
     file: Arc<File>,
     /// Bytes of the buffer file.
@@ -269,6 +272,8 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 /// What `open` finds on disk.
 struct Opened {
     source: String,
+    /// Held (locked) while the process runs: one buffer, one writer.
+    lock: File,
     file: File,
     len: u64,
     flushed: u64,
@@ -276,8 +281,34 @@ struct Opened {
     next_seq: u64,
 }
 
+/// Takes the buffer directory for this process. Two writers on one buffer would number
+/// their records alike and the database would keep only one of each pair, so a second
+/// process (a scaled replica on a shared volume) is refused rather than let lose usage.
+/// A POSIX record lock: the kernel drops it when the process dies (no stale lock after a
+/// crash), and it is per process, so reopening the buffer in the same process (tests that
+/// simulate a restart) is not refused.
+fn lock_dir(dir: &Path) -> Result<File, LedgerError> {
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))?;
+    match rustix::fs::fcntl_lock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(lock),
+        Err(e) if e == rustix::io::Errno::AGAIN || e == rustix::io::Errno::ACCESS => {
+            Err(LedgerError::Failed(format!(
+                "buffer directory {} is in use by another tollgate-ratelimit; each replica \
+                 needs its own --ledger-buffer",
+                dir.display()
+            )))
+        }
+        Err(e) => Err(LedgerError::Io(e.into())),
+    }
+}
+
 fn open_buffer(dir: &Path) -> Result<Opened, LedgerError> {
     std::fs::create_dir_all(dir)?;
+    let lock = lock_dir(dir)?;
     let source_path = dir.join("source");
     let source = match std::fs::read_to_string(&source_path) {
         Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
@@ -306,6 +337,7 @@ fn open_buffer(dir: &Path) -> Result<Opened, LedgerError> {
     }
     Ok(Opened {
         source,
+        lock,
         file,
         len,
         flushed,
