@@ -20,7 +20,7 @@ use crate::request_head::{self, RequestHead};
 use crate::routing::{self, Routing};
 use crate::transcoder::{self, ResponseMeta, ResponseTranscoder};
 use crate::translate::{
-    plan_request, upstream_error, RequestPlan, ResponseKind, ResponsePlan, Upstream,
+    plan_request, upstream_error, RequestError, RequestPlan, ResponseKind, ResponsePlan, Upstream,
 };
 
 /// The host calls the filter logic needs. Reads return `None` when the value is missing or the
@@ -403,11 +403,11 @@ impl Stream {
         let path = self.routed_path.take().unwrap_or_default();
         let head = match RequestHead::parse(body) {
             Ok(h) => h,
-            Err(e) => return self.fail(host, e.status(), e.code(), &e.to_string()),
+            Err(e) => return self.fail_request(host, &e),
         };
         let model = match head.model() {
             Ok(m) => m,
-            Err(e) => return self.fail(host, e.status(), e.code(), &e.to_string()),
+            Err(e) => return self.fail_request(host, &e),
         };
         let resolved = match routing.check(model, &key_allowlist(host), served) {
             Ok(r) => r,
@@ -417,14 +417,14 @@ impl Stream {
             // A native API the backend does not speak (Ollama's `/api/chat` to an OpenAI
             // backend) would only reach the model server as an opaque, uncounted request.
             Ok(p) if !p.reads_body => {
-                let e = crate::translate::RequestError::UnsupportedEndpoint {
+                let e = RequestError::UnsupportedEndpoint {
                     path: path.split(['?', '#']).next().unwrap_or("").to_owned(),
                     upstream: resolved.upstream,
                 };
-                return self.fail(host, e.status(), e.code(), &e.to_string());
+                return self.fail_request(host, &e);
             }
             Ok(p) => p,
-            Err(e) => return self.fail(host, e.status(), e.code(), &e.to_string()),
+            Err(e) => return self.fail_request(host, &e),
         };
         host.set_request_header(metadata::HEADER_BACKEND, Some(resolved.backend));
         self.plan = Some(plan);
@@ -450,6 +450,10 @@ impl Stream {
         self.finish_request(host, config, &renamed, body_size, gate, Some(&head))
     }
 
+    fn fail_request(&mut self, host: &mut impl Host, e: &RequestError) -> Action {
+        self.fail(host, e.status(), e.code(), &e.to_string())
+    }
+
     fn fail(&mut self, host: &mut impl Host, status: u16, code: &str, message: &str) -> Action {
         self.failed = true;
         send_error(host, status, code, message);
@@ -461,7 +465,8 @@ impl Stream {
         Action::Pause
     }
 
-    /// Request body: wait for all of it (capped), then translate and check the model.
+    /// Request body: wait for all of it (capped), then check and translate it as the
+    /// headers phase planned (`/api/show`, a routed request, or one model server).
     pub fn on_request_body(
         &mut self,
         host: &mut impl Host,
@@ -476,59 +481,34 @@ impl Stream {
         if end_of_stream {
             self.awaiting_body = false;
         }
-        if self.details {
-            self.received = size;
-            if size > config.max_body_bytes {
-                return self.fail(
-                    host,
-                    413,
-                    "request_too_large",
-                    "the request body is too large",
-                );
-            }
-            if !end_of_stream {
-                return Action::Pause;
-            }
-            let body = host.request_body(size).unwrap_or_default();
-            return self.finish_details(host, config, &body, Some(size), served);
-        }
-        if let (Some(routing), true) = (&config.routing, self.routed_path.is_some()) {
-            self.received = size;
-            if size > config.max_body_bytes {
-                return self.fail(
-                    host,
-                    413,
-                    "request_too_large",
-                    "the request body is too large",
-                );
-            }
-            if !end_of_stream {
-                return Action::Pause;
-            }
-            let body = host.request_body(size).unwrap_or_default();
-            return self.finish_routed(host, config, routing, &body, Some(size), served);
-        }
-        let Some(plan) = &self.plan else {
-            return Action::Continue;
-        };
-        if !plan.reads_body {
+        let routing = config
+            .routing
+            .as_ref()
+            .filter(|_| self.routed_path.is_some());
+        let reads =
+            self.details || routing.is_some() || self.plan.as_ref().is_some_and(|p| p.reads_body);
+        if !reads {
             return Action::Continue;
         }
         self.received = size;
         if size > config.max_body_bytes {
-            self.failed = true;
-            send_error(
+            return self.fail(
                 host,
                 413,
                 "request_too_large",
                 "the request body is too large",
             );
-            return Action::Pause;
         }
         if !end_of_stream {
             return Action::Pause;
         }
         let body = host.request_body(size).unwrap_or_default();
+        if self.details {
+            return self.finish_details(host, config, &body, Some(size), served);
+        }
+        if let Some(routing) = routing {
+            return self.finish_routed(host, config, routing, &body, Some(size), served);
+        }
         self.finish_request(
             host,
             config,
@@ -560,15 +540,15 @@ impl Stream {
         });
         let show = match show {
             Ok(s) => s,
-            Err(e) => return self.fail(host, e.status(), e.code(), &e.to_string()),
+            Err(e) => return self.fail_request(host, &e),
         };
         let Some(model) = [show.model, show.name]
             .into_iter()
             .flatten()
             .find(|m| !m.is_empty())
         else {
-            let e = crate::translate::RequestError::MissingModel;
-            return self.fail(host, e.status(), e.code(), &e.to_string());
+            let e = RequestError::MissingModel;
+            return self.fail_request(host, &e);
         };
         let allow = key_allowlist(host);
         let Some(routing) = &config.routing else {
@@ -581,11 +561,11 @@ impl Stream {
         let resolved = match routing.check(&model, &allow, served) {
             Ok(r) if r.upstream == Upstream::Ollama => r,
             Ok(r) => {
-                let e = crate::translate::RequestError::UnsupportedEndpoint {
+                let e = RequestError::UnsupportedEndpoint {
                     path: "/api/show".to_owned(),
                     upstream: r.upstream,
                 };
-                return self.fail(host, e.status(), e.code(), &e.to_string());
+                return self.fail_request(host, &e);
             }
             Err(r) => return self.fail(host, r.status, r.code, r.message),
         };
