@@ -35,6 +35,16 @@ pub const USD_BUDGETS: [&str; 4] = [
     KEY_BUDGET_USD_MONTH,
     TENANT_BUDGET_USD_MONTH,
 ];
+/// Every token limit name (per minute and budgets): a caller with any of them, or with a USD
+/// budget, is metered, and may only use endpoints whose usage the filter counts.
+pub const TOKEN_LIMITS: [&str; 6] = [
+    KEY_TPM,
+    TENANT_TPM,
+    KEY_BUDGET_DAY,
+    TENANT_BUDGET_DAY,
+    KEY_BUDGET_MONTH,
+    TENANT_BUDGET_MONTH,
+];
 /// `"1"` when the key's tenant opted in to prompt logging.
 pub const PROMPT_LOG: &str = "prompt_log";
 /// Max concurrent requests of a key, shaped like the other limits

@@ -6,7 +6,8 @@
 //! {"blocked_paths": ["/api/pull", "/api/push"], "blocked_prefixes": ["/api/blobs/"],
 //!  "upstream": "ollama", "routes": {"hosted": "openai"}, "max_body_bytes": 1048576,
 //!  "anthropic_max_tokens": 4096, "default_reservation_tokens": 1024,
-//!  "discovery": {"cluster": "model", "path": "/api/tags", "interval_ms": 10000}}
+//!  "discovery": {"cluster": "model", "path": "/api/tags", "interval_ms": 10000},
+//!  "allow_runtime_options": false}
 //! ```
 //! `upstream` is the API the model server speaks (`openai`, `ollama`, `anthropic`; default
 //! `openai`); `routes` overrides it per Envoy route name. Without `discovery` the served
@@ -24,6 +25,7 @@ use std::collections::BTreeMap;
 
 use crate::path_guard::{BadEntry, Blocklist, EntryKind};
 use crate::pricing::{PriceMap, RawPrices};
+use crate::request_head::COUNT_MAX;
 use crate::routing::{RawRouting, Routing};
 use crate::translate::{RequestOptions, Upstream};
 
@@ -79,6 +81,9 @@ pub struct Config {
     pub routing: Option<Routing>,
     /// Per-model prices for USD budgets; `None`: no model has a price.
     pub prices: Option<PriceMap>,
+    /// Pass Ollama's runtime options (`keep_alive`, `options.num_ctx`, …) on; by default
+    /// they are dropped, since they change the shared server for everyone on it.
+    pub allow_runtime_options: bool,
 }
 
 /// The JSON shape, before validation.
@@ -95,6 +100,7 @@ struct PluginConfig {
     discovery: Option<DiscoveryConfig>,
     routing: Option<RawRouting>,
     prices: Option<RawPrices>,
+    allow_runtime_options: Option<bool>,
 }
 
 /// Why a configuration was refused.
@@ -143,6 +149,7 @@ impl Default for Config {
             discovery: None,
             routing: None,
             prices: None,
+            allow_runtime_options: false,
         }
     }
 }
@@ -214,18 +221,31 @@ impl Config {
         if let Some(n) = raw.anthropic_max_tokens {
             request_options.anthropic_max_tokens = n;
         }
+        let default_reservation_tokens = raw
+            .default_reservation_tokens
+            .unwrap_or(DEFAULT_RESERVATION_TOKENS);
+        // Both end in a reservation Envoy must carry (see `request_head::COUNT_MAX`).
+        for (name, n) in [
+            ("default_reservation_tokens", default_reservation_tokens),
+            ("anthropic_max_tokens", request_options.anthropic_max_tokens),
+        ] {
+            if n == 0 || n > COUNT_MAX {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be from 1 to {COUNT_MAX}"
+                )));
+            }
+        }
         Ok(Config {
             blocklist,
             upstream,
             routes,
             max_body_bytes,
             request_options,
-            default_reservation_tokens: raw
-                .default_reservation_tokens
-                .unwrap_or(DEFAULT_RESERVATION_TOKENS),
+            default_reservation_tokens,
             discovery: raw.discovery,
             routing,
             prices,
+            allow_runtime_options: raw.allow_runtime_options.unwrap_or(false),
         })
     }
 

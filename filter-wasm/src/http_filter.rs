@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::discovery::Served;
 use crate::model_gate;
 use crate::path_guard::{decide, Decision, InvalidPath};
-use crate::request_head::{self, RequestHead};
+use crate::request_head::{self, RequestHead, COUNT_MAX};
 use crate::routing::{self, Routing};
 use crate::transcoder::{self, ResponseMeta, ResponseTranscoder};
 use crate::translate::{
@@ -165,6 +165,39 @@ fn key_allowlist(host: &impl Host) -> Vec<tollgate_core::model_pattern::ModelPat
     model_gate::allowlist(header_text(authz_metadata(host, metadata::MODELS)).as_deref())
 }
 
+/// Whether the caller may only use endpoints the filter reads and counts: a model allowlist
+/// other than `*`, or any token or USD limit. Read only for paths the filter cannot check,
+/// so the hot path pays nothing for it.
+fn caller_is_restricted(host: &impl Host) -> bool {
+    let every_model = header_text(authz_metadata(host, metadata::MODELS))
+        .is_some_and(|m| m.split(',').any(|p| p.trim() == "*"));
+    !every_model
+        || metadata::TOKEN_LIMITS
+            .iter()
+            .chain(metadata::USD_BUDGETS.iter())
+            .any(|name| authz_metadata(host, name).is_some())
+}
+
+/// Methods the endpoints the filter reads take; `None` for paths it does not read, where
+/// the caller's policy decides. A hosted provider acts on other methods of the same paths
+/// (`DELETE /v1/models/{id}` deletes a fine-tune, `GET /v1/chat/completions` lists stored
+/// completions) with the gateway's credential, so they are refused.
+fn methods_for(path: &str, reads_body: bool) -> Option<&'static [&'static str]> {
+    const POST: &[&str] = &["POST"];
+    const READ: &[&str] = &["GET", "HEAD"];
+    if reads_body || is_model_details(path) {
+        Some(POST)
+    } else if is_listing(path)
+        || is_running_listing(path)
+        || bare_path(path) == "/api/version"
+        || retrieved_model(path).is_some()
+    {
+        Some(READ)
+    } else {
+        None
+    }
+}
+
 fn request_id(host: &impl Host) -> String {
     host.property(&["request", "id"])
         .map(|id| String::from_utf8_lossy(&id).into_owned())
@@ -257,6 +290,30 @@ impl Stream {
             }
             Decision::Invalid(why) => return self.refuse_path(host, why),
         }
+        // Envoy strips a client's copy at the edge; removing it here too means a config
+        // without that edge rule still never lets the client pick a backend.
+        host.set_request_header(metadata::HEADER_BACKEND, None);
+        // Under routing the backend's API is only known from the model, so a path's body is
+        // read when any API reads it.
+        let plan = match &config.routing {
+            Some(_) => None,
+            None => {
+                let route = header_text(host.property(&["xds", "route_name"]));
+                match plan_request(config.upstream_for(route.as_deref()), &path) {
+                    Ok(p) => Some(p),
+                    Err(e) => return self.fail_request(host, &e),
+                }
+            }
+        };
+        let reads_body = match &plan {
+            Some(p) => p.reads_body,
+            None => [Upstream::OpenAi, Upstream::Ollama, Upstream::Anthropic]
+                .into_iter()
+                .any(|u| plan_request(u, &path).is_ok_and(|p| p.reads_body)),
+        };
+        if let Some(refused) = self.check_method(host, &path, reads_body) {
+            return refused;
+        }
         // Details of one model: only of a model the key may use, else as if it did not exist.
         if let Some(id) = retrieved_model(&path) {
             let Some(id) = id else {
@@ -283,9 +340,6 @@ impl Stream {
             }
         }
         if is_model_details(&path) {
-            if config.routing.is_some() {
-                host.set_request_header(metadata::HEADER_BACKEND, None);
-            }
             self.details = true;
             if end_of_stream {
                 return self.finish_details(host, config, &[], None, served);
@@ -293,20 +347,25 @@ impl Stream {
             self.awaiting_body = true;
             return Action::Pause;
         }
-        if let Some(routing) = &config.routing {
-            // Envoy strips a client's copy at the edge; removing it here too means a config
-            // without that edge rule still never lets the client pick a backend.
-            host.set_request_header(metadata::HEADER_BACKEND, None);
-            return self.routed_headers(host, config, routing, path, end_of_stream, served);
-        }
-        let route = header_text(host.property(&["xds", "route_name"]));
-        let plan = match plan_request(config.upstream_for(route.as_deref()), &path) {
-            Ok(p) => p,
-            Err(e) => {
-                send_error(host, e.status(), e.code(), &e.to_string());
-                return Action::Pause;
+        let Some(plan) = plan else {
+            let Some(routing) = &config.routing else {
+                return Action::Continue;
+            };
+            if !reads_body {
+                return self.routed_headers(host, config, routing, path, served);
             }
+            // Held until the body names the model, which picks the backend.
+            host.set_request_header("accept-encoding", None);
+            self.routed_path = Some(path);
+            if end_of_stream {
+                return self.finish_routed(host, config, routing, &[], None, served);
+            }
+            self.awaiting_body = true;
+            return Action::Pause;
         };
+        if plan.is_opaque() && !self.may_pass_unread(host, &path) {
+            return Action::Pause;
+        }
         self.listing = is_listing(&path) || is_running_listing(&path);
         let counts = plan.reads_body;
         if counts || self.listing {
@@ -323,35 +382,57 @@ impl Stream {
         self.finish_request(host, config, &[], None, Gate::Single(served.single()), None)
     }
 
-    /// Request headers under routing: answer listings from discovery, hold model requests
-    /// until the body names the model, send the rest to the default backend.
+    /// Refuses a method the path's endpoint does not take (405).
+    fn check_method(
+        &mut self,
+        host: &mut impl Host,
+        path: &str,
+        reads_body: bool,
+    ) -> Option<Action> {
+        let allowed = methods_for(path, reads_body)?;
+        let method = header_text(host.request_header(":method")).unwrap_or_default();
+        if allowed.contains(&method.as_str()) {
+            return None;
+        }
+        let message = format!(
+            "{} does not take this method; use {}",
+            bare_path(path),
+            allowed.join(" or ")
+        );
+        Some(self.fail(host, 405, "method_not_allowed", &message))
+    }
+
+    /// A path the filter does not read passes only for a caller without a model allowlist,
+    /// token or USD limits: for anyone else it would reach the model server unchecked and
+    /// uncounted. Sends the refusal and returns `false` otherwise.
+    fn may_pass_unread(&mut self, host: &mut impl Host, path: &str) -> bool {
+        if methods_for(path, false).is_some() || !caller_is_restricted(host) {
+            return true;
+        }
+        self.fail(
+            host,
+            403,
+            "operation_not_allowed",
+            "this endpoint is not checked or metered by the gateway, and this key has a \
+             model allowlist or token limits",
+        );
+        false
+    }
+
+    /// Request headers under routing of a path without a body to read: answer listings from
+    /// discovery, send the rest to the default backend.
     fn routed_headers(
         &mut self,
         host: &mut impl Host,
         config: &Config,
         routing: &Routing,
         path: String,
-        end_of_stream: bool,
         served: &Served,
     ) -> Action {
         if is_listing(&path) {
             let names = routing.visible_models(&key_allowlist(host), served);
             let body = listing_body(&path, &names, host.now_secs());
             host.send_local_reply(200, &[("content-type", "application/json")], &body);
-            return Action::Pause;
-        }
-        // The backend's API is only known from the model; whether a body must be read
-        // depends on the API the client speaks, so any API that reads it decides.
-        let reads_body = [Upstream::OpenAi, Upstream::Ollama, Upstream::Anthropic]
-            .into_iter()
-            .any(|u| plan_request(u, &path).is_ok_and(|p| p.reads_body));
-        if reads_body {
-            host.set_request_header("accept-encoding", None);
-            self.routed_path = Some(path);
-            if end_of_stream {
-                return self.finish_routed(host, config, routing, &[], None, served);
-            }
-            self.awaiting_body = true;
             return Action::Pause;
         }
         let Some(backend) = routing.default_backend.as_deref() else {
@@ -369,16 +450,20 @@ impl Stream {
             .map_or(Upstream::OpenAi, |b| b.upstream);
         match plan_request(upstream, &path) {
             Ok(plan) => {
+                if plan.is_opaque() && !self.may_pass_unread(host, &path) {
+                    return Action::Pause;
+                }
                 host.set_request_header(metadata::HEADER_BACKEND, Some(backend));
                 if is_running_listing(&path) {
                     // Filtered to the caller's models like any listing.
                     host.set_request_header("accept-encoding", None);
                     self.listing = true;
-                    self.response_plan = plan
-                        .translate_body(&[], &config.request_options)
-                        .ok()
-                        .map(|t| t.response);
                 }
+                // Kept for listings and to turn upstream errors into Tollgate's shape.
+                self.response_plan = plan
+                    .translate_body(&[], &config.request_options)
+                    .ok()
+                    .map(|t| t.response);
                 self.plan = Some(plan);
                 Action::Continue
             }
@@ -416,7 +501,7 @@ impl Stream {
         let plan = match plan_request(resolved.upstream, &path) {
             // A native API the backend does not speak (Ollama's `/api/chat` to an OpenAI
             // backend) would only reach the model server as an opaque, uncounted request.
-            Ok(p) if !p.reads_body => {
+            Ok(p) if !p.reads_body || foreign_native(&path, resolved.upstream) => {
                 let e = RequestError::UnsupportedEndpoint {
                     path: path.split(['?', '#']).next().unwrap_or("").to_owned(),
                     upstream: resolved.upstream,
@@ -535,13 +620,21 @@ impl Stream {
             // Ollama's older name for it, read when `model` is empty.
             name: Option<String>,
         }
-        let show = request_head::check_keys(body).and_then(|()| {
+        let show = RequestHead::parse(body).and_then(|_| {
             serde_json::from_slice::<Show>(body).map_err(crate::translate::body_error)
         });
         let show = match show {
             Ok(s) => s,
             Err(e) => return self.fail_request(host, &e),
         };
+        let named = |m: &Option<String>| m.as_deref().filter(|m| !m.is_empty()).map(str::to_owned);
+        if let (Some(model), Some(name)) = (named(&show.model), named(&show.name)) {
+            if model != name {
+                // Which one the server reads is its choice; the one checked must be it.
+                let e = RequestError::InvalidRequest("model and name differ".to_owned());
+                return self.fail_request(host, &e);
+            }
+        }
         let Some(model) = [show.model, show.name]
             .into_iter()
             .flatten()
@@ -615,35 +708,51 @@ impl Stream {
         gate: Gate<'_>,
         head: Option<&RequestHead>,
     ) -> Action {
+        let Some(reads_body) = self.plan.as_ref().map(|p| p.reads_body) else {
+            return Action::Continue;
+        };
+        // A routed body was read when its model was.
+        let parsed;
+        let head = match head {
+            Some(h) => Some(h),
+            None if reads_body => match RequestHead::parse(body) {
+                Ok(h) => {
+                    parsed = h;
+                    Some(&parsed)
+                }
+                Err(e) => return self.fail_request(host, &e),
+            },
+            None => None,
+        };
+        let mut rewritten = matches!(gate, Gate::Routed { renamed: true, .. });
+        // Options that change how a shared Ollama loads and keeps a model act for everyone
+        // on it: dropped unless the configuration allows them.
+        let stripped;
+        let body = if head.is_some_and(|h| h.runtime_options) && !config.allow_runtime_options {
+            let Some(b) = request_head::without_runtime_options(body) else {
+                let e = RequestError::InvalidRequest("the body must be a JSON object".into());
+                return self.fail_request(host, &e);
+            };
+            stripped = b;
+            rewritten = true;
+            &stripped[..]
+        } else {
+            body
+        };
         let Some(plan) = &self.plan else {
             return Action::Continue;
         };
-        // A routed body was checked when its model was read.
-        if plan.reads_body && matches!(gate, Gate::Single(_)) {
-            if let Err(e) = request_head::check_keys(body) {
-                self.failed = true;
-                send_error(host, e.status(), e.code(), &e.to_string());
-                return Action::Pause;
-            }
-        }
         let translated = match plan.translate_body(body, &config.request_options) {
             Ok(t) => t,
-            Err(e) => {
-                self.failed = true;
-                send_error(host, e.status(), e.code(), &e.to_string());
-                return Action::Pause;
-            }
+            Err(e) => return self.fail_request(host, &e),
         };
-        let renamed = matches!(gate, Gate::Routed { renamed: true, .. });
-        if let Some(model) = translated.model() {
+        if let (Some(model), Some(head)) = (translated.model(), head) {
             let model = match gate {
                 Gate::Single(served) => {
                     let allow = key_allowlist(host);
                     let on = config.discovery.is_some();
                     if let Err(r) = model_gate::check(model, &allow, served, on) {
-                        self.failed = true;
-                        send_error(host, r.status, r.code, r.message);
-                        return Action::Pause;
+                        return self.fail(host, r.status, r.code, r.message);
                     }
                     model
                 }
@@ -652,14 +761,12 @@ impl Stream {
             let price = config.prices.as_ref().and_then(|p| p.price_for(model));
             if price.is_none() && has_usd_budget(host) {
                 // Its cost could not be counted: admitting it would spend the budget unseen.
-                self.failed = true;
-                send_error(
+                return self.fail(
                     host,
                     403,
                     "model_not_priced",
                     "this model has no price on this gateway and the key has a USD budget",
                 );
-                return Action::Pause;
             }
             host.set_property(metadata::FILTER_STATE_MODEL, model);
             let opted_in =
@@ -671,21 +778,14 @@ impl Stream {
                     &String::from_utf8_lossy(&body[..end]),
                 );
             }
-            let parsed;
-            let head = match head {
-                Some(h) => h,
-                None => {
-                    parsed = RequestHead::parse(body).unwrap_or_default();
-                    &parsed
-                }
-            };
             let (prompt, completion) =
-                head.reservation_parts(body.len(), config.default_reservation_tokens);
-            let reserve = completion.saturating_add(prompt);
+                head.reservation_parts(body, config.default_reservation_tokens);
+            // Envoy drops a count it cannot carry, admitting the request unmetered.
+            let reserve = completion.saturating_add(prompt).min(COUNT_MAX);
             host.set_property(metadata::FILTER_STATE_RESERVATION, &reserve.to_string());
             self.reserved = Some(reserve);
             if let Some(price) = price {
-                let cost = price.cost(prompt, completion);
+                let cost = price.cost(prompt, completion).min(COUNT_MAX);
                 host.set_property(metadata::FILTER_STATE_COST_RESERVATION, &cost.to_string());
                 self.cost_reserved = Some((price, cost));
             }
@@ -696,16 +796,14 @@ impl Stream {
         for (name, value) in translated.headers {
             host.set_request_header(name, Some(value));
         }
-        // A routed request whose model was renamed carries its new body in `body`.
-        let new = translated.body.as_deref().or(renamed.then_some(body));
+        // A body renamed or stripped here goes on even where the translation kept it as is.
+        let new = translated.body.as_deref().or(rewritten.then_some(body));
         if let (Some(new), Some(size)) = (new, body_size) {
             host.set_request_body(size, new);
             host.set_request_header("content-length", Some(&new.len().to_string()));
         }
-        let counted = translated.response.kind != ResponseKind::Opaque;
-        if counted || self.listing {
-            self.response_plan = Some(translated.response);
-        }
+        // Kept for every request, opaque ones too: an upstream error is never passed raw.
+        self.response_plan = Some(translated.response);
         Action::Continue
     }
 
@@ -721,6 +819,9 @@ impl Stream {
         let from_upstream = host.property(&["response", "code_details"]).as_deref()
             == Some(b"via_upstream".as_slice());
         if !from_upstream {
+            return Action::Continue;
+        }
+        if plan.kind == ResponseKind::Opaque && !self.listing && status < 400 {
             return Action::Continue;
         }
         let meta = ResponseMeta {
@@ -891,7 +992,7 @@ impl Stream {
                 // more events than that went by costs at least one token per event.
                 if reported {
                     let cost = self.cost_reserved.map(|(p, _)| p.cost(prompt, completion));
-                    (prompt + completion, cost)
+                    (prompt.saturating_add(completion), cost)
                 } else {
                     let streamed = events.saturating_sub(STREAM_EVENTS_WITHOUT_TOKENS);
                     let cost = self.cost_reserved.map(|(p, c)| c.max(p.cost(0, streamed)));
@@ -906,6 +1007,10 @@ impl Stream {
             // a reset): the server may have generated it all, so the reservation stands.
             _ => (reserved, self.cost_reserved.map(|(_, c)| c)),
         };
+        // What a model server reports is clamped like the reservation: Envoy drops a count
+        // it cannot carry, and the debit would be lost.
+        let used = used.min(COUNT_MAX);
+        let cost = cost.map(|c| c.min(COUNT_MAX));
         host.set_property(metadata::FILTER_STATE_TOKENS, &used.to_string());
         host.set_property(
             metadata::FILTER_STATE_TOKENS_EXTRA,
@@ -927,6 +1032,13 @@ impl Stream {
             );
         }
     }
+}
+
+/// Ollama's native model endpoints to a backend of another API: counted in front of one
+/// model server of any declared API (Ollama serves both behind `{}`), but a routed backend
+/// declares its API, and this one does not speak it.
+fn foreign_native(path: &str, upstream: Upstream) -> bool {
+    upstream != Upstream::Ollama && crate::translate::is_ollama_native(path)
 }
 
 /// Envoy's response code details of a request that ended before any model server got it
@@ -1443,18 +1555,194 @@ mod tests {
         host
     }
 
+    fn headers_only(host: &mut FakeHost, config: &Config) -> Action {
+        Stream::default().on_request_headers(host, config, true, &Served::default())
+    }
+
+    fn with_metadata(mut host: FakeHost, name: &str) -> FakeHost {
+        host.properties.insert(
+            format!("metadata/filter_metadata/envoy.filters.http.ext_authz/{name}"),
+            b"struct".to_vec(),
+        );
+        host
+    }
+
+    #[test]
+    fn ollama_native_chat_is_checked_and_reserved_under_the_default_openai_config() {
+        let config = Config::default();
+        for path in [
+            "/api/chat",
+            "/api/generate",
+            "/api/embed",
+            "/api/embeddings/",
+        ] {
+            let body = r#"{"model":"llama3.1:8b","max_tokens":5}"#;
+            let mut host = FakeHost::request("POST", path).with_models("qwen2*");
+            let (_, action) = send(&mut host, &config, body, None);
+            assert_eq!(action, Action::Pause, "{path}");
+            assert_eq!(host.reply.as_ref().unwrap().status, 403, "{path}");
+            assert_eq!(host.reply_json()["error"]["code"], "model_not_allowed");
+            let mut host = FakeHost::request("POST", path).with_models("llama3*");
+            let body = r#"{"model":"llama3.1:8b","options":{"num_predict":7}}"#;
+            let (_, action) = send(&mut host, &config, body, None);
+            assert_eq!(action, Action::Continue, "{path}");
+            let reserved: u64 = host.state["tollgate_req"].parse().unwrap();
+            assert!(reserved >= 7, "{path}: {reserved}");
+            assert_eq!(host.state["tollgate_model"], "llama3.1:8b");
+        }
+    }
+
+    #[test]
+    fn methods_an_upstream_acts_on_beside_the_read_one_are_405() {
+        let config = Config::default();
+        for (method, path) in [
+            ("GET", "/v1/chat/completions"),
+            ("DELETE", "/v1/chat/completions"),
+            ("PUT", "/api/chat"),
+            ("DELETE", "/v1/models/ft:gpt-4o-mini:org"),
+            ("POST", "/v1/models"),
+            ("DELETE", "/api/tags"),
+            ("GET", "/api/show"),
+            ("POST", "/api/version"),
+        ] {
+            let mut host = FakeHost::request(method, path).with_models("*");
+            assert_eq!(
+                headers_only(&mut host, &config),
+                Action::Pause,
+                "{method} {path}"
+            );
+            assert_eq!(host.reply.as_ref().unwrap().status, 405, "{method} {path}");
+            assert_eq!(host.reply_json()["error"]["code"], "method_not_allowed");
+            assert_eq!(host.reply_json()["error"]["request_id"], "rid-42");
+        }
+        let mut host = FakeHost::request("GET", "/v1/models").with_models("*");
+        assert_eq!(headers_only(&mut host, &config), Action::Continue);
+    }
+
+    #[test]
+    fn paths_the_filter_cannot_read_are_refused_to_restricted_callers_only() {
+        let config = Config::default();
+        for path in [
+            "/v1/responses",
+            "/v1/files",
+            "/v1/audio/speech",
+            "/",
+            "/v1/chat/completions/x",
+        ] {
+            for host in [
+                FakeHost::request("POST", path).with_models("llama3*"),
+                with_metadata(FakeHost::request("POST", path).with_models("*"), "key_tpm"),
+                with_metadata(
+                    FakeHost::request("POST", path).with_models("*"),
+                    "tenant_budget_usd_day",
+                ),
+                FakeHost::request("POST", path),
+            ] {
+                let mut host = host;
+                assert_eq!(headers_only(&mut host, &config), Action::Pause, "{path}");
+                assert_eq!(host.reply.as_ref().unwrap().status, 403, "{path}");
+                assert_eq!(host.reply_json()["error"]["code"], "operation_not_allowed");
+            }
+            let mut host = FakeHost::request("POST", path).with_models("*, llama3*");
+            assert_eq!(headers_only(&mut host, &config), Action::Continue, "{path}");
+        }
+        // Read-only endpoints the filter answers or filters stay open to everyone.
+        let mut host = FakeHost::request("GET", "/api/version").with_models("llama3*");
+        assert_eq!(headers_only(&mut host, &config), Action::Continue);
+    }
+
+    #[test]
+    fn a_clients_backend_header_is_dropped_in_single_upstream_mode() {
+        let mut host = FakeHost::request("GET", "/v1/models").with_models("*");
+        host.headers
+            .push((metadata::HEADER_BACKEND.into(), b"hosted".to_vec()));
+        headers_only(&mut host, &Config::default());
+        assert_eq!(host.header(metadata::HEADER_BACKEND), None);
+    }
+
+    #[test]
+    fn ollama_runtime_options_are_dropped_unless_allowed() {
+        let body = r#"{"model":"llama3.1:8b","keep_alive":-1,"options":{"num_ctx":262144,"temperature":0}}"#;
+        let mut host = FakeHost::request("POST", "/api/chat").with_models("*");
+        let config = Config::from_json(br#"{"upstream":"ollama"}"#).unwrap();
+        let (_, action) = send(&mut host, &config, body, None);
+        assert_eq!(action, Action::Continue);
+        let sent: serde_json::Value = serde_json::from_slice(&host.request_body).unwrap();
+        assert_eq!(
+            sent,
+            serde_json::json!({"model":"llama3.1:8b","options":{"temperature":0}})
+        );
+        assert_eq!(
+            host.header("content-length").unwrap(),
+            host.request_body.len().to_string()
+        );
+        let config =
+            Config::from_json(br#"{"upstream":"ollama","allow_runtime_options":true}"#).unwrap();
+        let mut host = FakeHost::request("POST", "/api/chat").with_models("*");
+        send(&mut host, &config, body, None);
+        assert_eq!(host.request_body, body.as_bytes());
+    }
+
+    #[test]
+    fn huge_max_tokens_reserve_the_largest_count_envoy_carries() {
+        let config = Config::default();
+        for n in ["2147483648", "4294967296", "9223372036854775807"] {
+            let body = format!(r#"{{"model":"m","max_tokens":{n},"n":8,"messages":[]}}"#);
+            let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+            let (_, action) = send(&mut host, &config, &body, None);
+            assert_eq!(action, Action::Continue, "{n}");
+            assert_eq!(host.state["tollgate_req"], COUNT_MAX.to_string(), "{n}");
+        }
+        for n in ["1e11", "-1", "1.5", "\"100\""] {
+            let body = format!(r#"{{"model":"m","max_tokens":{n},"messages":[]}}"#);
+            let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+            let (_, action) = send(&mut host, &config, &body, None);
+            assert_eq!(action, Action::Pause, "{n}");
+            assert_eq!(host.reply.as_ref().unwrap().status, 400, "{n}");
+            assert!(!host.state.contains_key("tollgate_req"));
+        }
+    }
+
+    #[test]
+    fn an_upstream_error_on_a_path_the_filter_does_not_read_is_rewritten() {
+        let config = Config::default();
+        let mut host = FakeHost::request("GET", "/v1/models/llama3.1:8b").with_models("*");
+        let mut s = Stream::default();
+        assert_eq!(
+            s.on_request_headers(&mut host, &config, true, &Served::default()),
+            Action::Continue
+        );
+        let out = respond(
+            &mut host,
+            &mut s,
+            "404",
+            &[br#"{"error":"not found"}"#],
+            true,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["request_id"], "rid-42");
+        // A success passes untouched.
+        let mut host = FakeHost::request("GET", "/v1/models/llama3.1:8b").with_models("*");
+        let mut s = Stream::default();
+        s.on_request_headers(&mut host, &config, true, &Served::default());
+        let out = respond(&mut host, &mut s, "200", &[br#"{"id":"x"}"#], true);
+        assert_eq!(out, br#"{"id":"x"}"#);
+    }
+
     #[test]
     fn priced_model_reserves_cost_and_settles_it_from_the_reported_usage() {
         let config = priced(false);
         let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
-        // 400 bytes of body: a prompt estimate of 100 tokens, plus 1 000 000 completion tokens.
+        // A prompt estimate of 100 tokens (300 letters and the JSON around them), plus
+        // 1 000 000 completion tokens.
         let body = format!(
             r#"{{"model":"llama3.1:8b","stream":true,"max_tokens":1000000,"messages":[{{"role":"user","content":"{}"}}]}}"#,
-            "x".repeat(400 - 100)
+            "x".repeat(300)
         );
-        assert_eq!(body.len(), 400);
+        assert_eq!(request_head::prompt_estimate(body.as_bytes()), 100);
         let (mut s, _) = send(&mut host, &config, &body, None);
-        // 100 × 10 000 + 1 000 000 × 30 000 micro-units, rounded up: 30 001 units.
+        // 100 × 10 000 + 1 000 000 × 30 000 micro-units: 30 001 units.
         assert_eq!(host.state["tollgate_cost_req"], "30001");
         let lines: [&[u8]; 1] = [
             br#"{"model":"llama3.1:8b","created_at":"2024-07-23T10:00:01Z","message":{"role":"assistant","content":"hi"},"done":true,"prompt_eval_count":3,"eval_count":2}

@@ -1,36 +1,79 @@
-//! Owns the few top-level fields of a request body that decide where it goes and how many
-//! tokens it reserves, read in one pass that skips everything else (messages are not
-//! materialised), and renaming the model for the upstream.
+//! Owns the top-level fields of a request body that decide where it goes, what it may do and
+//! how many tokens it reserves, read in one pass that skips everything else (messages are not
+//! materialised), and the body rewrites the gateway makes before it goes upstream (the model
+//! renamed, runtime options dropped).
+//!
+//! The fields are read the way the strictest model server reads them, so the upstream can
+//! never act on a value the gateway did not see: field names (at the top level, in `options`
+//! and `stream_options`) must be lower-case ASCII and unique, because Go's encoding/json
+//! (Ollama, and its OpenAI-compatible API) matches names ignoring case with Unicode folding
+//! (`"Model"`, `"ſtream"` and `"MAX_TOKENS"` all land in the same field). Every number that
+//! ends in a reservation must be a JSON integer in range: `1e5`, `1.5`, `"100"` and `-1` are
+//! refused, because Python servers read some of them as integers and Envoy drops a count it
+//! cannot carry, which would admit the request unmetered.
 
 use std::collections::HashSet;
 
-use serde::de::{Error as _, IgnoredAny, MapAccess, Visitor};
-use serde::{Deserialize, Deserializer};
+use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, Visitor};
+use serde::Deserializer;
 
 use crate::translate::{body_error, object_start, RequestError};
 
-#[derive(Debug, Default, Deserialize)]
-struct Options {
-    num_predict: Option<i64>,
-}
+/// The largest count the filter hands Envoy as a `hits_addend` (tokens or USD units). Envoy
+/// drops a descriptor whose count it cannot parse (seen from about 2^31 up), which admits the
+/// request on the other limits; no request can really need more than this.
+pub const COUNT_MAX: u64 = 1_000_000_000;
+const _: () = assert!(COUNT_MAX < 1 << 31);
+/// OpenAI's own bound on `n` and `best_of`; past it the request is refused, not clamped.
+pub const CHOICES_MAX: u64 = 128;
+/// Model names longer than this are refused: no server names a model so, and the name ends
+/// in filter state, the access log and metric labels.
+pub const MODEL_NAME_MAX: usize = 256;
 
-/// `model`, and the completion budget the client asked for.
-#[derive(Debug, Default, Deserialize)]
+/// Ollama options that change how the shared server loads and keeps a model for everyone
+/// rather than how it answers this request; dropped unless the configuration allows them.
+pub const RUNTIME_OPTIONS: &[&str] = &[
+    "num_ctx",
+    "num_batch",
+    "num_gpu",
+    "main_gpu",
+    "num_thread",
+    "low_vram",
+    "use_mmap",
+    "use_mlock",
+    "numa",
+    "vocab_only",
+    "f16_kv",
+];
+/// Top-level Ollama fields of the same kind.
+pub const RUNTIME_FIELDS: &[&str] = &["keep_alive"];
+
+/// What the gateway reads from a request body.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RequestHead {
     pub model: Option<String>,
-    max_tokens: Option<i64>,
-    max_completion_tokens: Option<i64>,
-    options: Option<Options>,
+    pub stream: Option<bool>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    /// Ollama's `options.num_predict`; `None` also for its "unlimited" values −1 and −2.
+    num_predict: Option<u64>,
+    /// Completions generated per request (`n`, `best_of`, whichever is larger); 1 if absent.
+    choices: u64,
+    /// The body names Ollama runtime options or fields (see [`RUNTIME_OPTIONS`]).
+    pub runtime_options: bool,
 }
 
 impl RequestHead {
-    /// The head of a JSON object body; the same errors as the full translation.
+    /// The head of a JSON object body, with the checks described in the module docs.
     pub fn parse(body: &[u8]) -> Result<RequestHead, RequestError> {
-        check_keys(body)?;
-        serde_json::from_slice(body).map_err(body_error)
+        object_start(body)?;
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let head = de.deserialize_map(HeadVisitor).map_err(body_error)?;
+        de.end().map_err(body_error)?;
+        Ok(head)
     }
 
-    /// The model, or why a request without one cannot be routed.
+    /// The model, or why a request without one cannot be checked.
     pub fn model(&self) -> Result<&str, RequestError> {
         self.model
             .as_deref()
@@ -38,74 +81,311 @@ impl RequestHead {
             .ok_or(RequestError::MissingModel)
     }
 
-    /// Tokens reserved before the real count is known: the completion budget the client
-    /// asked for (`max_completion_tokens`, `max_tokens`, Ollama's `num_predict`) or
-    /// `default_completion`, plus the prompt at about four bytes a token. Over-reserving only
-    /// delays the next request until the stream-done debit refunds the difference.
-    pub fn reservation(&self, body_len: usize, default_completion: u64) -> u64 {
-        let (prompt, completion) = self.reservation_parts(body_len, default_completion);
-        completion.saturating_add(prompt)
+    /// Tokens reserved before the real count is known; see [`RequestHead::reservation_parts`].
+    pub fn reservation(&self, body: &[u8], default_completion: u64) -> u64 {
+        let (prompt, completion) = self.reservation_parts(body, default_completion);
+        completion.saturating_add(prompt).min(COUNT_MAX)
     }
 
-    /// The reservation as (prompt estimate, completion budget): USD budgets price the two
-    /// at the model's input and output prices.
-    pub fn reservation_parts(&self, body_len: usize, default_completion: u64) -> (u64, u64) {
-        let asked = self
-            .max_completion_tokens
-            .or(self.max_tokens)
-            .or(self.options.as_ref().and_then(|o| o.num_predict));
-        let completion = match asked {
-            Some(n) if n > 0 => n as u64,
-            _ => default_completion,
-        };
-        (body_len as u64 / 4, completion)
+    /// The reservation as (prompt estimate, completion budget), each at most [`COUNT_MAX`]:
+    /// the completion budget the client asked for (the largest of `max_completion_tokens`,
+    /// `max_tokens` and Ollama's `num_predict`, since servers differ in which one wins) or
+    /// `default_completion`, times the completions asked for; the prompt by
+    /// [`prompt_estimate`]. Over-reserving only delays the next request until the stream-done
+    /// debit returns the difference; under-reserving lets concurrent requests overshoot.
+    pub fn reservation_parts(&self, body: &[u8], default_completion: u64) -> (u64, u64) {
+        let asked = [
+            self.max_completion_tokens,
+            self.max_tokens,
+            self.num_predict,
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|n| *n > 0)
+        .max();
+        let completion = asked
+            .unwrap_or(default_completion)
+            .saturating_mul(self.choices.max(1))
+            .min(COUNT_MAX);
+        (prompt_estimate(body).min(COUNT_MAX), completion)
     }
 }
 
-/// Refuses a JSON object body holding two keys that differ only in ASCII case, at the top
-/// level or in `options` (`"model"` and `"Model"`). Go's encoding/json, which Ollama decodes
-/// with (its OpenAI-compatible API too), matches keys ignoring case and keeps the last, so
-/// the model server would run another model than the one checked here, or stream unlike
-/// planned. Deeper objects (tool schemas) may legitimately hold such keys and are not read.
-pub fn check_keys(body: &[u8]) -> Result<(), RequestError> {
-    object_start(body)?;
-    let mut de = serde_json::Deserializer::from_slice(body);
-    de.deserialize_map(Keys).map_err(body_error)
+/// An upper estimate of the tokens in a JSON request without a tokenizer, in one pass: every
+/// run of up to four ASCII letters or digits, every ASCII symbol but JSON's quotes and
+/// separators, and every non-ASCII character counts one token; whitespace past the first of a run counts one per eight (a
+/// single space joins the next word's token). Bytes/4 under-counts text of short words
+/// (600 × `"a "` is 600 tokens, not 300).
+pub fn prompt_estimate(text: &[u8]) -> u64 {
+    let mut tokens: u64 = 0;
+    let mut word = 0u32;
+    let mut space = 0u32;
+    for &b in text {
+        if b.is_ascii_alphanumeric() {
+            if word % 4 == 0 {
+                tokens += 1;
+            }
+            word += 1;
+            space = 0;
+            continue;
+        }
+        word = 0;
+        if b.is_ascii_whitespace() {
+            if space % 8 == 1 {
+                tokens += 1;
+            }
+            space += 1;
+            continue;
+        }
+        space = 0;
+        // JSON's quotes and separators are not text the model reads; an object or list
+        // opening stands for the few tokens a chat template adds per message.
+        // UTF-8 continuation bytes belong to the character their lead byte counted.
+        if !matches!(b, b'"' | b',' | b':' | b'}' | b']') && b & 0xC0 != 0x80 {
+            tokens += 1;
+        }
+    }
+    tokens
 }
 
-struct Keys;
+/// A field name the upstream reads exactly as the gateway does.
+fn check_name<E: serde::de::Error>(name: &str, seen: &mut HashSet<String>) -> Result<(), E> {
+    if !name.is_ascii() || name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(E::custom(format!(
+            "field names must be lower-case ASCII ({name:?}): model servers read them \
+             ignoring case"
+        )));
+    }
+    if !seen.insert(name.to_owned()) {
+        return Err(E::custom(format!("duplicate field {name:?}")));
+    }
+    Ok(())
+}
 
-impl<'de> Visitor<'de> for Keys {
-    type Value = ();
+/// A count the gateway reserves on: a JSON integer from 0, or null (absent). Larger than
+/// [`COUNT_MAX`] is clamped by the reservation; floats, strings and negatives are refused.
+#[derive(Debug, Clone, Copy)]
+enum Count {
+    Absent,
+    Value(u64),
+    /// A negative integer (Ollama's `num_predict` uses −1 and −2).
+    Negative(i64),
+}
 
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+struct CountSeed(&'static str);
+
+impl<'de> DeserializeSeed<'de> for CountSeed {
+    type Value = Count;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Count, D::Error> {
+        d.deserialize_any(CountVisitor(self.0))
+    }
+}
+
+struct CountVisitor(&'static str);
+
+impl CountVisitor {
+    fn refuse<E: serde::de::Error>(&self) -> E {
+        E::custom(format!(
+            "{} must be a non-negative integer (no exponent, fraction or quotes)",
+            self.0
+        ))
+    }
+}
+
+impl<'de> Visitor<'de> for CountVisitor {
+    type Value = Count;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} as an integer", self.0)
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Count, E> {
+        Ok(Count::Value(v))
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Count, E> {
+        Ok(match u64::try_from(v) {
+            Ok(v) => Count::Value(v),
+            Err(_) => Count::Negative(v),
+        })
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Count, E> {
+        Err(self.refuse())
+    }
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Count, E> {
+        Err(self.refuse())
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Count, E> {
+        Err(self.refuse())
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Count, E> {
+        Ok(Count::Absent)
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<Count, E> {
+        Ok(Count::Absent)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Count, A::Error> {
+        Err(self.refuse())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Count, A::Error> {
+        Err(self.refuse())
+    }
+}
+
+/// A token budget: absent or a non-negative integer.
+fn budget<E: serde::de::Error>(name: &str, count: Count) -> Result<Option<u64>, E> {
+    match count {
+        Count::Absent => Ok(None),
+        Count::Value(v) => Ok(Some(v)),
+        Count::Negative(_) => Err(E::custom(format!("{name} must be a non-negative integer"))),
+    }
+}
+
+/// `n` or `best_of`: absent, or 1 to [`CHOICES_MAX`].
+fn choices<E: serde::de::Error>(name: &str, count: Count) -> Result<u64, E> {
+    match count {
+        Count::Absent => Ok(1),
+        Count::Value(v) if (1..=CHOICES_MAX).contains(&v) => Ok(v),
+        _ => Err(E::custom(format!(
+            "{name} must be an integer from 1 to {CHOICES_MAX}"
+        ))),
+    }
+}
+
+struct HeadVisitor;
+
+impl<'de> Visitor<'de> for HeadVisitor {
+    type Value = RequestHead;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a JSON object")
     }
 
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RequestHead, A::Error> {
+        let mut head = RequestHead {
+            choices: 1,
+            ..RequestHead::default()
+        };
+        let mut seen = HashSet::new();
+        let mut n = 1;
+        let mut best_of = 1;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            check_name::<A::Error>(&key, &mut seen)?;
+            match key.as_ref() {
+                "model" => {
+                    let model: Option<String> = map.next_value()?;
+                    if let Some(m) = &model {
+                        if m.len() > MODEL_NAME_MAX || m.chars().any(char::is_control) {
+                            return Err(A::Error::custom(
+                                "model must be a name without control characters, \
+                                 at most 256 bytes",
+                            ));
+                        }
+                    }
+                    head.model = model;
+                }
+                "stream" => head.stream = map.next_value()?,
+                "max_tokens" => {
+                    let c = map.next_value_seed(CountSeed("max_tokens"))?;
+                    head.max_tokens = budget("max_tokens", c)?;
+                }
+                "max_completion_tokens" => {
+                    let c = map.next_value_seed(CountSeed("max_completion_tokens"))?;
+                    head.max_completion_tokens = budget("max_completion_tokens", c)?;
+                }
+                "n" => n = choices("n", map.next_value_seed(CountSeed("n"))?)?,
+                "best_of" => {
+                    best_of = choices("best_of", map.next_value_seed(CountSeed("best_of"))?)?
+                }
+                "options" => {
+                    let options = map.next_value_seed(OptionsSeed)?;
+                    head.num_predict = options.num_predict;
+                    head.runtime_options |= options.runtime;
+                }
+                "stream_options" => map.next_value_seed(NamesSeed)?,
+                k => {
+                    head.runtime_options |= RUNTIME_FIELDS.contains(&k);
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        head.choices = n.max(best_of);
+        Ok(head)
+    }
+}
+
+#[derive(Default)]
+struct OptionsHead {
+    num_predict: Option<u64>,
+    runtime: bool,
+}
+
+/// Ollama's `options`: names checked, `num_predict` read, runtime options noted.
+struct OptionsSeed;
+
+impl<'de> DeserializeSeed<'de> for OptionsSeed {
+    type Value = OptionsHead;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<OptionsHead, D::Error> {
+        d.deserialize_any(OptionsVisitor)
+    }
+}
+
+struct OptionsVisitor;
+
+impl<'de> Visitor<'de> for OptionsVisitor {
+    type Value = OptionsHead;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("options as an object")
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<OptionsHead, E> {
+        Ok(OptionsHead::default())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OptionsHead, A::Error> {
+        let mut out = OptionsHead::default();
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            check_name::<A::Error>(&key, &mut seen)?;
+            if key == "num_predict" {
+                out.num_predict = match map.next_value_seed(CountSeed("num_predict"))? {
+                    Count::Absent | Count::Negative(-1 | -2) => None,
+                    Count::Value(v) => Some(v),
+                    Count::Negative(_) => {
+                        return Err(A::Error::custom(
+                            "num_predict must be an integer from -2 (-1 and -2: unlimited)",
+                        ))
+                    }
+                };
+                continue;
+            }
+            out.runtime |= RUNTIME_OPTIONS.contains(&key.as_ref());
+            map.next_value::<IgnoredAny>()?;
+        }
+        Ok(out)
+    }
+}
+
+/// An object whose names are checked and whose values are not read (`stream_options`).
+struct NamesSeed;
+
+impl<'de> DeserializeSeed<'de> for NamesSeed {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(NamesVisitor)
+    }
+}
+
+struct NamesVisitor;
+
+impl<'de> Visitor<'de> for NamesVisitor {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let mut seen = HashSet::new();
-        while let Some(key) = map.next_key::<String>()? {
-            let folded = key.to_ascii_lowercase();
-            if folded == "options" {
-                let options: serde_json::Value = map.next_value()?;
-                let mut inner = HashSet::new();
-                let keys = options.as_object().into_iter().flat_map(|o| o.keys());
-                if let Some(k) = keys
-                    .into_iter()
-                    .find(|k| !inner.insert(k.to_ascii_lowercase()))
-                {
-                    return Err(A::Error::custom(format!(
-                        "options holds keys that differ only in case ({k:?})"
-                    )));
-                }
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-            if !seen.insert(folded) {
-                return Err(A::Error::custom(format!(
-                    "duplicate field {key:?} (keys may not differ only in case)"
-                )));
-            }
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            check_name::<A::Error>(&key, &mut seen)?;
+            map.next_value::<IgnoredAny>()?;
         }
         Ok(())
     }
@@ -118,27 +398,160 @@ pub fn with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
     serde_json::to_vec(&v).ok()
 }
 
+/// The body without Ollama's runtime options and fields; `None` if it is not a JSON object.
+pub fn without_runtime_options(body: &[u8]) -> Option<Vec<u8>> {
+    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
+    for field in RUNTIME_FIELDS {
+        v.remove(*field);
+    }
+    if let Some(serde_json::Value::Object(options)) = v.get_mut("options") {
+        for option in RUNTIME_OPTIONS {
+            options.remove(*option);
+        }
+    }
+    serde_json::to_vec(&v).ok()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
+    fn head(b: &str) -> RequestHead {
+        RequestHead::parse(b.as_bytes()).unwrap()
+    }
+
+    fn refused(b: &str) -> RequestError {
+        RequestHead::parse(b.as_bytes()).unwrap_err()
+    }
+
     #[test]
-    fn reservation_uses_what_the_client_asked_else_the_default() {
-        let head = |b: &str| RequestHead::parse(b.as_bytes()).unwrap();
+    fn reservation_uses_the_largest_budget_asked_else_the_default() {
         let b = r#"{"model":"m","max_tokens":7,"messages":[{"role":"user","content":"hi"}]}"#;
         assert_eq!(head(b).model.as_deref(), Some("m"));
-        assert_eq!(head(b).reservation(b.len(), 1000), 7 + b.len() as u64 / 4);
+        let prompt = prompt_estimate(b.as_bytes());
+        assert_eq!(head(b).reservation(b.as_bytes(), 1000), 7 + prompt);
+        assert_eq!(head(b).reservation_parts(b.as_bytes(), 1000), (prompt, 7));
+        let parts = |b: &str| head(b).reservation_parts(b"", 1000).1;
         assert_eq!(
-            head(b).reservation_parts(b.len(), 1000),
-            (b.len() as u64 / 4, 7)
+            parts(r#"{"model":"m","max_tokens":7,"max_completion_tokens":9}"#),
+            9
         );
-        let b = r#"{"model":"m","max_tokens":7,"max_completion_tokens":9}"#;
-        assert_eq!(head(b).reservation(0, 1000), 9);
-        let b = r#"{"model":"m","options":{"num_predict":5,"temperature":1}}"#;
-        assert_eq!(head(b).reservation(0, 1000), 5);
-        let b = r#"{"model":"m","max_tokens":0}"#;
-        assert_eq!(head(b).reservation(0, 1000), 1000);
+        assert_eq!(
+            parts(r#"{"model":"m","max_tokens":90,"max_completion_tokens":9}"#),
+            90
+        );
+        assert_eq!(parts(r#"{"model":"m","options":{"num_predict":5}}"#), 5);
+        assert_eq!(parts(r#"{"model":"m","max_tokens":0}"#), 1000);
+        assert_eq!(parts(r#"{"model":"m","options":{"num_predict":-1}}"#), 1000);
+        assert_eq!(parts(r#"{"model":"m","max_tokens":null}"#), 1000);
+    }
+
+    #[test]
+    fn choices_multiply_the_completion_budget() {
+        let parts = |b: &str| head(b).reservation_parts(b"", 1000).1;
+        assert_eq!(parts(r#"{"model":"m","max_tokens":10,"n":3}"#), 30);
+        assert_eq!(
+            parts(r#"{"model":"m","max_tokens":10,"n":2,"best_of":5}"#),
+            50
+        );
+        assert_eq!(parts(r#"{"model":"m","n":4}"#), 4000);
+        for b in [
+            r#"{"model":"m","n":0}"#,
+            r#"{"model":"m","n":129}"#,
+            r#"{"model":"m","best_of":-1}"#,
+            r#"{"model":"m","n":"2"}"#,
+        ] {
+            assert!(matches!(refused(b), RequestError::InvalidRequest(_)), "{b}");
+        }
+    }
+
+    #[test]
+    fn huge_counts_are_clamped_below_what_envoy_carries() {
+        for n in [
+            "2147483647",
+            "2147483648",
+            "4294967296",
+            "9223372036854775807",
+            "18446744073709551615",
+        ] {
+            let b = format!(r#"{{"model":"m","max_tokens":{n},"n":128}}"#);
+            let h = head(&b);
+            let (p, c) = h.reservation_parts(b.as_bytes(), 1000);
+            assert_eq!(c, COUNT_MAX, "{n}");
+            assert!(p <= COUNT_MAX);
+            assert_eq!(h.reservation(b.as_bytes(), 1000), COUNT_MAX);
+        }
+    }
+
+    #[test]
+    fn counts_that_are_not_plain_integers_are_refused() {
+        for v in [
+            "1e5",
+            "1.5",
+            "1.0",
+            "-1",
+            r#""100""#,
+            "1e30",
+            "true",
+            "[1]",
+            "{}",
+            "100000000000000000000000",
+        ] {
+            for field in ["max_tokens", "max_completion_tokens"] {
+                let b = format!(r#"{{"model":"m","{field}":{v}}}"#);
+                assert!(
+                    matches!(refused(&b), RequestError::InvalidRequest(_)),
+                    "{b}"
+                );
+            }
+        }
+        assert!(matches!(
+            refused(r#"{"model":"m","options":{"num_predict":-3}}"#),
+            RequestError::InvalidRequest(_)
+        ));
+        assert!(matches!(
+            refused(r#"{"model":"m","options":{"num_predict":1e3}}"#),
+            RequestError::InvalidRequest(_)
+        ));
+    }
+
+    #[test]
+    fn names_a_go_server_would_fold_are_refused() {
+        for b in [
+            r#"{"Model":"m"}"#,
+            r#"{"model":"a","MODEL":"b"}"#,
+            r#"{"model":"m","Stream":true}"#,
+            "{\"model\":\"m\",\"\u{17F}tream\":true}",
+            "{\"model\":\"m\",\"max_to\u{212A}ens\":9}",
+            r#"{"model":"m","options":{"Num_Predict":5}}"#,
+            r#"{"model":"m","options":{"num_predict":5,"num_predict":9}}"#,
+            r#"{"model":"m","stream_options":{"Include_Usage":false}}"#,
+            r#"{"model":"a","model":"b"}"#,
+        ] {
+            assert!(matches!(refused(b), RequestError::InvalidRequest(_)), "{b}");
+        }
+        // Deeper objects (tool schemas, message content) are not read and may hold any name.
+        head(r#"{"model":"m","tools":[{"Name":1,"name":2}],"metadata":{"X":1}}"#);
+    }
+
+    #[test]
+    fn model_names_with_control_characters_or_too_long_are_refused() {
+        for m in ["a\u{0}b", "a\nb", "a\u{7f}", &"x".repeat(257)] {
+            let b = serde_json::json!({ "model": m }).to_string();
+            assert!(
+                matches!(refused(&b), RequestError::InvalidRequest(_)),
+                "{m:?}"
+            );
+        }
+        assert_eq!(
+            head(r#"{"model":"llama3.1:8b"}"#).model().unwrap(),
+            "llama3.1:8b"
+        );
+    }
+
+    #[test]
+    fn shapes_and_json_errors() {
         assert!(matches!(
             RequestHead::parse(b"[1]"),
             Err(RequestError::InvalidRequest(_))
@@ -148,13 +561,54 @@ mod tests {
             Err(RequestError::InvalidRequest(_))
         ));
         assert!(matches!(
+            RequestHead::parse(br#"{"model":"m","stream":"true"}"#),
+            Err(RequestError::InvalidRequest(_))
+        ));
+        assert!(matches!(
             RequestHead::parse(b"{nope"),
+            Err(RequestError::MalformedJson(_))
+        ));
+        assert!(matches!(
+            RequestHead::parse(br#"{"model":"m"} {"model":"x"}"#),
             Err(RequestError::MalformedJson(_))
         ));
         assert!(matches!(
             head(r#"{"model":""}"#).model(),
             Err(RequestError::MissingModel)
         ));
+        assert_eq!(head(r#"{"model":"m","stream":true}"#).stream, Some(true));
+    }
+
+    #[test]
+    fn runtime_options_are_noticed_and_dropped() {
+        assert!(head(r#"{"model":"m","keep_alive":-1}"#).runtime_options);
+        assert!(head(r#"{"model":"m","options":{"num_ctx":131072}}"#).runtime_options);
+        assert!(!head(r#"{"model":"m","options":{"temperature":0.1}}"#).runtime_options);
+        let out = without_runtime_options(
+            br#"{"model":"m","keep_alive":"24h","options":{"num_ctx":9,"temperature":0}}"#,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"model":"m","options":{"temperature":0}})
+        );
+    }
+
+    #[test]
+    fn prompt_estimate_covers_short_words() {
+        // Measured: this chat request used 610 prompt tokens where bytes/4 reserved 347.
+        let body = serde_json::json!({
+            "model": "m", "messages": [{"role": "user", "content": "a ".repeat(600)}]
+        })
+        .to_string();
+        let estimate = prompt_estimate(body.as_bytes());
+        assert!((610..650).contains(&estimate), "{estimate}");
+        assert_eq!(prompt_estimate(b"a b"), 2);
+        assert_eq!(prompt_estimate(b"a          b"), 4);
+        assert_eq!(prompt_estimate(b"hello"), 2);
+        assert_eq!(prompt_estimate("h\u{e9}".as_bytes()), 2);
+        assert_eq!(prompt_estimate(b""), 0);
     }
 
     #[test]

@@ -10,12 +10,14 @@
 //! | `/v1/embeddings`         | passthrough, count  | → `/api/embed`         | unsupported (404)    |
 //! | `/v1/models`             | passthrough         | → `/api/tags`          | `/v1/models`, mapped |
 //! | `/v1/messages`           | passthrough, count  | passthrough, count     | passthrough, count   |
-//! | `/api/chat`, `/generate` | opaque              | passthrough, count     | opaque               |
-//! | `/api/embed(dings)`      | opaque              | passthrough, count     | opaque               |
+//! | `/api/chat`, `/generate` | passthrough, count  | passthrough, count     | passthrough, count   |
+//! | `/api/embed(dings)`      | passthrough, count  | passthrough, count     | passthrough, count   |
 //! | anything else            | opaque              | opaque                 | opaque               |
 //!
-//! "Opaque" is forwarded untouched and not counted: policy must only allow the operations
-//! listed here on metered keys.
+//! Ollama's native paths are counted on every single upstream (one Ollama serves both APIs,
+//! and the default configuration declares `openai`); under routing, a backend that does not
+//! declare `ollama` refuses them. "Opaque" is forwarded untouched and not counted: the filter
+//! refuses it to a caller with a model allowlist or token limits.
 
 pub mod anthropic;
 mod base64;
@@ -278,13 +280,15 @@ pub fn plan_request(upstream: Upstream, path: &str) -> Result<RequestPlan, Reque
         (Ollama, "/v1/completions") => plan(to("/api/generate"), Route::CompletionToOllama),
         (Ollama, "/v1/embeddings") => plan(to("/api/embed"), Route::EmbeddingsToOllama),
         (Ollama, "/v1/models") => plan(to("/api/tags"), Route::Models(ResponseKind::OllamaTags)),
-        (Ollama, "/api/chat" | "/api/generate") => plan(
+        // Counted whatever API the route declares: one Ollama serves its native API and the
+        // OpenAI one, and the default configuration (`openai`) is used in front of it.
+        (_, "/api/chat" | "/api/generate") => plan(
             None,
             Route::OllamaPassthrough {
                 stream_default: true,
             },
         ),
-        (Ollama, "/api/embed" | "/api/embeddings") => plan(
+        (_, "/api/embed" | "/api/embeddings") => plan(
             None,
             Route::OllamaPassthrough {
                 stream_default: false,
@@ -302,7 +306,22 @@ pub fn plan_request(upstream: Upstream, path: &str) -> Result<RequestPlan, Reque
     })
 }
 
+/// Ollama's native model endpoints (query and one trailing slash ignored).
+pub fn is_ollama_native(path: &str) -> bool {
+    let bare = path.split(['?', '#']).next().unwrap_or("");
+    let bare = bare.strip_suffix('/').unwrap_or(bare);
+    matches!(
+        bare,
+        "/api/chat" | "/api/generate" | "/api/embed" | "/api/embeddings"
+    )
+}
+
 impl RequestPlan {
+    /// Neither read nor translated: the filter cannot check what it does.
+    pub fn is_opaque(&self) -> bool {
+        self.route == Route::Opaque
+    }
+
     /// Translates the (whole) request body. The body is parsed once.
     pub fn translate_body(
         &self,

@@ -33,6 +33,10 @@ enum ErrorField<'a> {
     Detail {
         #[serde(rename = "type", borrow)]
         kind: Option<Text<'a>>,
+        /// OpenAI's specific code (`model_not_found`) beside its broad type
+        /// (`invalid_request_error`); preferred when plain.
+        #[serde(borrow)]
+        code: Option<Text<'a>>,
         #[serde(borrow)]
         message: Option<Text<'a>>,
     },
@@ -59,8 +63,15 @@ pub fn render(status: u16, reduced: Option<&[u8]>, request_id: &str) -> String {
     let envelope = reduced.and_then(|r| serde_json::from_slice::<Envelope<'_>>(r).ok());
     let (kind, message) = match envelope.as_ref().and_then(|e| e.error.as_ref()) {
         Some(ErrorField::Message(message)) => (None, Some(message.as_str())),
-        Some(ErrorField::Detail { kind, message }) => (
-            kind.as_ref().map(Text::as_str),
+        Some(ErrorField::Detail {
+            kind,
+            code,
+            message,
+        }) => (
+            code.as_ref()
+                .map(Text::as_str)
+                .filter(|c| is_plain_code(c))
+                .or(kind.as_ref().map(Text::as_str)),
             message.as_ref().map(Text::as_str),
         ),
         None => (None, None),
@@ -141,6 +152,20 @@ mod tests {
             "model \"x\" not found, try pulling it first"
         );
         assert_eq!(v["error"]["request_id"], "rid-1");
+    }
+
+    #[test]
+    fn openai_specific_code_wins_over_its_broad_type() {
+        let v = body(
+            404,
+            r#"{"error":{"message":"The model `x` does not exist","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#,
+        );
+        assert_eq!(v["error"]["code"], "model_not_found");
+        let v = body(
+            400,
+            r#"{"error":{"type":"invalid_request_error","code":null}}"#,
+        );
+        assert_eq!(v["error"]["code"], "invalid_request_error");
     }
 
     #[test]
