@@ -341,6 +341,8 @@ impl Stream {
         }
         if is_model_details(&path) {
             self.details = true;
+            // Not counted; kept so an upstream error is rewritten like any other.
+            self.response_plan = Some(ResponsePlan::new(ResponseKind::Opaque));
             if end_of_stream {
                 return self.finish_details(host, config, &[], None, served);
             }
@@ -742,6 +744,9 @@ impl Stream {
         let Some(plan) = &self.plan else {
             return Action::Continue;
         };
+        let default_completion = plan
+            .implied_completion(&config.request_options)
+            .unwrap_or(config.default_reservation_tokens);
         let translated = match plan.translate_body(body, &config.request_options) {
             Ok(t) => t,
             Err(e) => return self.fail_request(host, &e),
@@ -778,8 +783,7 @@ impl Stream {
                     &String::from_utf8_lossy(&body[..end]),
                 );
             }
-            let (prompt, completion) =
-                head.reservation_parts(body, config.default_reservation_tokens);
+            let (prompt, completion) = head.reservation_parts(body, default_completion);
             // Envoy drops a count it cannot carry, admitting the request unmetered.
             let reserve = completion.saturating_add(prompt).min(COUNT_MAX);
             host.set_property(metadata::FILTER_STATE_RESERVATION, &reserve.to_string());
@@ -1728,6 +1732,34 @@ mod tests {
         s.on_request_headers(&mut host, &config, true, &Served::default());
         let out = respond(&mut host, &mut s, "200", &[br#"{"id":"x"}"#], true);
         assert_eq!(out, br#"{"id":"x"}"#);
+    }
+
+    #[test]
+    fn a_translation_to_anthropic_reserves_the_max_tokens_it_writes() {
+        let config =
+            Config::from_json(br#"{"upstream":"anthropic","anthropic_max_tokens":5000}"#).unwrap();
+        let body = r#"{"model":"claude-x","messages":[{"role":"user","content":"hi"}]}"#;
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+        let (_, action) = send(&mut host, &config, body, None);
+        assert_eq!(action, Action::Continue);
+        let sent: serde_json::Value = serde_json::from_slice(&host.request_body).unwrap();
+        assert_eq!(sent["max_tokens"], 5000);
+        let reserved: u64 = host.state["tollgate_req"].parse().unwrap();
+        assert!((5000..5100).contains(&reserved), "{reserved}");
+    }
+
+    #[test]
+    fn an_upstream_error_to_a_model_details_request_is_rewritten() {
+        let config = Config::from_json(br#"{"upstream":"ollama"}"#).unwrap();
+        let mut host = FakeHost::request("POST", "/api/show").with_models("*");
+        let (mut s, action) = send(&mut host, &config, r#"{"model":"llama3.1:8b"}"#, None);
+        assert_eq!(action, Action::Continue);
+        let raw = br#"{"error":"model 'llama3.1:8b' not found at /srv/ollama/models"}"#;
+        let out = respond(&mut host, &mut s, "500", &[raw], true);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["error"]["code"], "upstream_error");
+        assert_eq!(v["error"]["request_id"], "rid-42");
+        assert!(!String::from_utf8_lossy(&out).contains("/srv"));
     }
 
     #[test]

@@ -101,7 +101,7 @@ pub struct ResponsePlan {
 }
 
 impl ResponsePlan {
-    fn new(kind: ResponseKind) -> Self {
+    pub fn new(kind: ResponseKind) -> Self {
         ResponsePlan {
             kind,
             model: None,
@@ -320,6 +320,12 @@ impl RequestPlan {
     /// Neither read nor translated: the filter cannot check what it does.
     pub fn is_opaque(&self) -> bool {
         self.route == Route::Opaque
+    }
+
+    /// The completion budget the translation writes when the client names none: the
+    /// upstream is told it, so it is what the request reserves.
+    pub fn implied_completion(&self, options: &RequestOptions) -> Option<u64> {
+        (self.route == Route::ChatToAnthropic).then_some(options.anthropic_max_tokens)
     }
 
     /// Translates the (whole) request body. The body is parsed once.
