@@ -1,9 +1,9 @@
-//! Binds the filter logic to proxy-wasm 0.2.5: contexts, hostcalls, the VM entry point.
+//! Binds the filter logic to proxy-wasm 0.2.5: the root context (configuration, discovery
+//! polling) and one HTTP context per exchange, over hostcalls; the VM entry point.
 //! Only `hostcalls` functions returning `Result` are used; the trait helpers that `unwrap`
 //! internally are avoided, since a panic kills every stream on the worker.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -12,8 +12,10 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 
 use crate::config::Config;
-use crate::discovery::{ModelSet, Served};
-use crate::http_filter::{self, Host, Stream};
+use crate::discovery::Served;
+use crate::discovery_schedule::{Poller, Schedule};
+use crate::exchange::Exchange;
+use crate::host::{self, Host};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -23,95 +25,38 @@ proxy_wasm::main! {{
 /// The served model sets, shared by the root context (which polls) and every stream.
 type SharedServed = Rc<RefCell<Served>>;
 
-/// One list endpoint to poll: the source name it is stored under, cluster, path.
-#[derive(Clone)]
-struct Target {
-    source: String,
-    cluster: String,
-    path: String,
-}
-
 #[derive(Default)]
 struct Root {
     config: Rc<Config>,
     served: SharedServed,
-    targets: Vec<Target>,
-    /// Polls in flight (token → target index), so ticks do not pile calls up.
-    pending: BTreeMap<u32, usize>,
-    /// Every target has answered once: ticks slow down to the configured interval.
-    settled: bool,
+    schedule: Schedule,
 }
 
 fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }
 
-impl Root {
-    fn discovery_timing(&self) -> Option<(u64, u64)> {
-        if let Some(r) = &self.config.routing {
-            return Some((r.interval_ms, r.timeout_ms));
-        }
-        self.config
-            .discovery
-            .as_ref()
-            .map(|d| (d.interval_ms, d.timeout_ms))
+/// The root context's host calls for discovery polling.
+struct RootHost;
+
+impl Poller for RootHost {
+    fn dispatch(&mut self, cluster: &str, path: &str, timeout: Duration) -> Result<u32, String> {
+        let headers = vec![(":method", "GET"), (":path", path), (":authority", cluster)];
+        hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout)
+            .map_err(|e| format!("{e:?}"))
     }
 
-    fn poll(&mut self) {
-        let Some((_, timeout_ms)) = self.discovery_timing() else {
-            return;
-        };
-        for (i, t) in self.targets.iter().enumerate() {
-            if self.pending.values().any(|&p| p == i) {
-                continue;
-            }
-            let headers = vec![
-                (":method", "GET"),
-                (":path", t.path.as_str()),
-                (":authority", t.cluster.as_str()),
-            ];
-            match hostcalls::dispatch_http_call(
-                &t.cluster,
-                headers,
-                None,
-                vec![],
-                Duration::from_millis(timeout_ms),
-            ) {
-                Ok(token) => {
-                    self.pending.insert(token, i);
-                }
-                Err(e) => log(
-                    LogLevel::Warn,
-                    &format!(
-                        "tollgate: model discovery call to {} failed: {e:?}",
-                        t.cluster
-                    ),
-                ),
-            }
-        }
+    fn set_tick_period(&mut self, period: Duration) {
+        let _ = hostcalls::set_tick_period(period);
     }
-}
 
-fn targets(config: &Config) -> Vec<Target> {
-    if let Some(r) = &config.routing {
-        return r
-            .discovery_targets()
-            .map(|(source, cluster, path)| Target {
-                source: source.to_owned(),
-                cluster: cluster.to_owned(),
-                path: path.to_owned(),
-            })
-            .collect();
+    fn log_info(&self, message: &str) {
+        log(LogLevel::Info, message);
     }
-    config
-        .discovery
-        .iter()
-        .map(|d| Target {
-            source: Served::SINGLE.to_owned(),
-            cluster: d.cluster.clone(),
-            path: d.path.clone(),
-        })
-        .collect()
+
+    fn log_warn(&self, message: &str) {
+        log(LogLevel::Warn, message);
+    }
 }
 
 impl Context for Root {
@@ -122,12 +67,6 @@ impl Context for Root {
         body_size: usize,
         _trailers: usize,
     ) {
-        let Some(index) = self.pending.remove(&token) else {
-            return;
-        };
-        let Some(target) = self.targets.get(index).cloned() else {
-            return;
-        };
         let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
             .ok()
             .flatten();
@@ -135,46 +74,9 @@ impl Context for Root {
             .ok()
             .flatten()
             .unwrap_or_default();
-        if status.as_deref() != Some("200") {
-            log(
-                LogLevel::Warn,
-                &format!(
-                    "tollgate: model discovery from {} got status {status:?}",
-                    target.cluster
-                ),
-            );
-            return;
-        }
-        match ModelSet::parse(&body) {
-            Ok(set) => {
-                let first = !self.served.borrow().knows(&target.source);
-                if first {
-                    log(
-                        LogLevel::Info,
-                        &format!(
-                            "tollgate: {} models served by {}",
-                            set.len(),
-                            target.cluster
-                        ),
-                    );
-                }
-                self.served.borrow_mut().insert(&target.source, set);
-                let all = {
-                    let served = self.served.borrow();
-                    self.targets.iter().all(|t| served.knows(&t.source))
-                };
-                if all && !self.settled {
-                    self.settled = true;
-                    if let Some((interval_ms, _)) = self.discovery_timing() {
-                        let _ = hostcalls::set_tick_period(Duration::from_millis(interval_ms));
-                    }
-                }
-            }
-            Err(e) => log(
-                LogLevel::Warn,
-                &format!("tollgate: model discovery from {}: {e}", target.cluster),
-            ),
-        }
+        let mut served = self.served.borrow_mut();
+        self.schedule
+            .on_response(&mut RootHost, token, status.as_deref(), &body, &mut served);
     }
 }
 
@@ -186,11 +88,8 @@ impl RootContext for Root {
             .unwrap_or_default();
         match Config::from_json(&bytes) {
             Ok(config) => {
-                self.targets = targets(&config);
-                if !self.targets.is_empty() {
-                    // Poll quickly until every source answered, then at the configured interval.
-                    let _ = hostcalls::set_tick_period(Duration::from_millis(200));
-                }
+                self.schedule = Schedule::new(&config);
+                self.schedule.start(&mut RootHost);
                 self.config = Rc::new(config);
                 true
             }
@@ -202,14 +101,14 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        self.poll();
+        self.schedule.on_tick(&mut RootHost);
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(StreamContext {
             config: Rc::clone(&self.config),
             served: Rc::clone(&self.served),
-            stream: Stream::default(),
+            exchange: Exchange::default(),
         }))
     }
 
@@ -221,15 +120,15 @@ impl RootContext for Root {
 struct StreamContext {
     config: Rc<Config>,
     served: SharedServed,
-    stream: Stream,
+    exchange: Exchange,
 }
 
 impl Context for StreamContext {}
 
-fn action(a: http_filter::Action) -> Action {
+fn action(a: host::Action) -> Action {
     match a {
-        http_filter::Action::Continue => Action::Continue,
-        http_filter::Action::Pause => Action::Pause,
+        host::Action::Continue => Action::Continue,
+        host::Action::Pause => Action::Pause,
     }
 }
 
@@ -237,14 +136,14 @@ impl HttpContext for StreamContext {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let served = self.served.borrow();
         action(
-            self.stream
+            self.exchange
                 .on_request_headers(&mut Envoy, &self.config, end_of_stream, &served),
         )
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let served = self.served.borrow();
-        action(self.stream.on_request_body(
+        action(self.exchange.on_request_body(
             &mut Envoy,
             &self.config,
             body_size,
@@ -256,24 +155,24 @@ impl HttpContext for StreamContext {
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         let served = self.served.borrow();
         action(
-            self.stream
+            self.exchange
                 .on_request_trailers(&mut Envoy, &self.config, &served),
         )
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        action(self.stream.on_response_headers(&mut Envoy))
+        action(self.exchange.on_response_headers(&mut Envoy))
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         action(
-            self.stream
+            self.exchange
                 .on_response_body(&mut Envoy, body_size, end_of_stream),
         )
     }
 
     fn on_log(&mut self) {
-        self.stream.on_log(&mut Envoy, &self.config);
+        self.exchange.on_log(&mut Envoy);
     }
 }
 

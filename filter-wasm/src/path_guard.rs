@@ -253,7 +253,8 @@ fn check_decoded(decoded: &[u8]) -> Result<(), InvalidPath> {
     Ok(())
 }
 
-fn percent_decode_once(input: &[u8]) -> Result<Vec<u8>, InvalidPath> {
+/// One round of percent-decoding; a bad escape is an error.
+pub(crate) fn percent_decode_once(input: &[u8]) -> Result<Vec<u8>, InvalidPath> {
     let mut out = Vec::with_capacity(input.len());
     let mut bytes = input.iter().copied();
     while let Some(b) = bytes.next() {

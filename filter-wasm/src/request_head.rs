@@ -61,6 +61,19 @@ pub struct RequestHead {
     choices: u64,
     /// The body names Ollama runtime options or fields (see [`RUNTIME_OPTIONS`]).
     pub runtime_options: bool,
+    pub stream_options: StreamOptions,
+}
+
+/// OpenAI's `stream_options`, as far as asking for usage on a stream goes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum StreamOptions {
+    /// No `stream_options` member.
+    #[default]
+    Absent,
+    /// `stream_options.include_usage` is `true`.
+    IncludeUsage,
+    /// Present (possibly `null`) without asking for usage.
+    Other,
 }
 
 impl RequestHead {
@@ -162,6 +175,18 @@ fn check_name<E: serde::de::Error>(name: &str, seen: &mut HashSet<String>) -> Re
     Ok(())
 }
 
+/// The next name of an object, checked with [`check_name`].
+fn next_name<'de, A: MapAccess<'de>>(
+    map: &mut A,
+    seen: &mut HashSet<String>,
+) -> Result<Option<String>, A::Error> {
+    let Some(name) = map.next_key::<String>()? else {
+        return Ok(None);
+    };
+    check_name::<A::Error>(&name, seen)?;
+    Ok(Some(name))
+}
+
 /// A count the gateway reserves on: a JSON integer from 0, or null (absent). Larger than
 /// [`COUNT_MAX`] is clamped by the reservation; floats, strings and negatives are refused.
 #[derive(Debug, Clone, Copy)]
@@ -172,16 +197,15 @@ enum Count {
     Negative(i64),
 }
 
-struct CountSeed(&'static str);
+/// Reads a [`Count`]; the name is for the error message.
+struct CountVisitor(&'static str);
 
-impl<'de> DeserializeSeed<'de> for CountSeed {
+impl<'de> DeserializeSeed<'de> for CountVisitor {
     type Value = Count;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Count, D::Error> {
-        d.deserialize_any(CountVisitor(self.0))
+        d.deserialize_any(self)
     }
 }
-
-struct CountVisitor(&'static str);
 
 impl CountVisitor {
     fn refuse<E: serde::de::Error>(&self) -> E {
@@ -266,9 +290,8 @@ impl<'de> Visitor<'de> for HeadVisitor {
         let mut seen = HashSet::new();
         let mut n = 1;
         let mut best_of = 1;
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            check_name::<A::Error>(&key, &mut seen)?;
-            match key.as_ref() {
+        while let Some(key) = next_name(&mut map, &mut seen)? {
+            match key.as_str() {
                 "model" => {
                     let model: Option<String> = map.next_value()?;
                     if let Some(m) = &model {
@@ -283,23 +306,25 @@ impl<'de> Visitor<'de> for HeadVisitor {
                 }
                 "stream" => head.stream = map.next_value()?,
                 "max_tokens" => {
-                    let c = map.next_value_seed(CountSeed("max_tokens"))?;
+                    let c = map.next_value_seed(CountVisitor("max_tokens"))?;
                     head.max_tokens = budget("max_tokens", c)?;
                 }
                 "max_completion_tokens" => {
-                    let c = map.next_value_seed(CountSeed("max_completion_tokens"))?;
+                    let c = map.next_value_seed(CountVisitor("max_completion_tokens"))?;
                     head.max_completion_tokens = budget("max_completion_tokens", c)?;
                 }
-                "n" => n = choices("n", map.next_value_seed(CountSeed("n"))?)?,
+                "n" => n = choices("n", map.next_value_seed(CountVisitor("n"))?)?,
                 "best_of" => {
-                    best_of = choices("best_of", map.next_value_seed(CountSeed("best_of"))?)?
+                    best_of = choices("best_of", map.next_value_seed(CountVisitor("best_of"))?)?
                 }
                 "options" => {
-                    let options = map.next_value_seed(OptionsSeed)?;
+                    let options = map.next_value_seed(OptionsVisitor)?;
                     head.num_predict = options.num_predict;
                     head.runtime_options |= options.runtime;
                 }
-                "stream_options" => map.next_value_seed(NamesSeed)?,
+                "stream_options" => {
+                    head.stream_options = map.next_value_seed(StreamOptionsVisitor)?
+                }
                 k => {
                     head.runtime_options |= RUNTIME_FIELDS.contains(&k);
                     map.next_value::<IgnoredAny>()?;
@@ -318,16 +343,14 @@ struct OptionsHead {
 }
 
 /// Ollama's `options`: names checked, `num_predict` read, runtime options noted.
-struct OptionsSeed;
+struct OptionsVisitor;
 
-impl<'de> DeserializeSeed<'de> for OptionsSeed {
+impl<'de> DeserializeSeed<'de> for OptionsVisitor {
     type Value = OptionsHead;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<OptionsHead, D::Error> {
-        d.deserialize_any(OptionsVisitor)
+        d.deserialize_any(self)
     }
 }
-
-struct OptionsVisitor;
 
 impl<'de> Visitor<'de> for OptionsVisitor {
     type Value = OptionsHead;
@@ -340,10 +363,9 @@ impl<'de> Visitor<'de> for OptionsVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OptionsHead, A::Error> {
         let mut out = OptionsHead::default();
         let mut seen = HashSet::new();
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            check_name::<A::Error>(&key, &mut seen)?;
+        while let Some(key) = next_name(&mut map, &mut seen)? {
             if key == "num_predict" {
-                out.num_predict = match map.next_value_seed(CountSeed("num_predict"))? {
+                out.num_predict = match map.next_value_seed(CountVisitor("num_predict"))? {
                     Count::Absent | Count::Negative(-1 | -2) => None,
                     Count::Value(v) => Some(v),
                     Count::Negative(_) => {
@@ -354,40 +376,44 @@ impl<'de> Visitor<'de> for OptionsVisitor {
                 };
                 continue;
             }
-            out.runtime |= RUNTIME_OPTIONS.contains(&key.as_ref());
+            out.runtime |= RUNTIME_OPTIONS.contains(&key.as_str());
             map.next_value::<IgnoredAny>()?;
         }
         Ok(out)
     }
 }
 
-/// An object whose names are checked and whose values are not read (`stream_options`).
-struct NamesSeed;
+/// `stream_options`: names checked, `include_usage` read.
+struct StreamOptionsVisitor;
 
-impl<'de> DeserializeSeed<'de> for NamesSeed {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(NamesVisitor)
+impl<'de> DeserializeSeed<'de> for StreamOptionsVisitor {
+    type Value = StreamOptions;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<StreamOptions, D::Error> {
+        d.deserialize_any(self)
     }
 }
 
-struct NamesVisitor;
-
-impl<'de> Visitor<'de> for NamesVisitor {
-    type Value = ();
+impl<'de> Visitor<'de> for StreamOptionsVisitor {
+    type Value = StreamOptions;
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("an object")
+        f.write_str("stream_options as an object")
     }
-    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
-        Ok(())
+    fn visit_unit<E: serde::de::Error>(self) -> Result<StreamOptions, E> {
+        Ok(StreamOptions::Other)
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StreamOptions, A::Error> {
         let mut seen = HashSet::new();
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            check_name::<A::Error>(&key, &mut seen)?;
+        let mut out = StreamOptions::Other;
+        while let Some(key) = next_name(&mut map, &mut seen)? {
+            if key == "include_usage" {
+                if map.next_value::<Option<bool>>()? == Some(true) {
+                    out = StreamOptions::IncludeUsage;
+                }
+                continue;
+            }
             map.next_value::<IgnoredAny>()?;
         }
-        Ok(())
+        Ok(out)
     }
 }
 
@@ -577,6 +603,28 @@ mod tests {
             Err(RequestError::MissingModel)
         ));
         assert_eq!(head(r#"{"model":"m","stream":true}"#).stream, Some(true));
+    }
+
+    #[test]
+    fn stream_options_say_whether_usage_was_asked_for() {
+        let so = |b: &str| head(b).stream_options;
+        assert_eq!(so(r#"{"model":"m"}"#), StreamOptions::Absent);
+        assert_eq!(
+            so(r#"{"model":"m","stream_options":null}"#),
+            StreamOptions::Other
+        );
+        assert_eq!(
+            so(r#"{"model":"m","stream_options":{"include_usage":false}}"#),
+            StreamOptions::Other
+        );
+        assert_eq!(
+            so(r#"{"model":"m","stream_options":{"include_usage":true}}"#),
+            StreamOptions::IncludeUsage
+        );
+        assert!(matches!(
+            refused(r#"{"model":"m","stream_options":{"include_usage":"yes"}}"#),
+            RequestError::InvalidRequest(_)
+        ));
     }
 
     #[test]

@@ -189,6 +189,11 @@ impl FieldScanner {
                     self.depth = 0;
                     self.capturing = false;
                     if self.top_is_object {
+                        // `keep` reserves this byte, but an object with nothing kept never
+                        // went through it: a cap under 2 bytes is too small even for `{}`.
+                        if self.kept.len() + 1 > self.max {
+                            return Err(StreamError::EventTooLarge { max: self.max });
+                        }
                         self.kept.push(b'}');
                         on_object(&self.kept)?;
                     }
@@ -359,6 +364,17 @@ mod tests {
             let err = scan(USAGE, 16, &chunks).unwrap_err();
             assert_eq!(err, StreamError::EventTooLarge { max: 16 });
         }
+    }
+
+    /// Found by `field_scanner_on_arbitrary_bytes_is_chunking_invariant_and_within_its_cap`
+    /// (tests/properties.rs): `{}` was handed out under a cap of 0 or 1 byte.
+    #[test]
+    fn empty_reduced_object_respects_a_cap_below_its_two_bytes() {
+        for max in [0, 1] {
+            let err = scan(USAGE, max, &[b"{}"]).unwrap_err();
+            assert_eq!(err, StreamError::EventTooLarge { max });
+        }
+        assert_eq!(scan(USAGE, 2, &[b"{ }"]).unwrap(), ["{}"]);
     }
 
     #[test]

@@ -29,9 +29,7 @@ pub mod wire;
 
 use std::fmt;
 
-use serde::Deserialize;
-
-use openai::RequestHead;
+use crate::request_head::{RequestHead, StreamOptions};
 
 /// The API of the model server a route points at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,10 +326,27 @@ impl RequestPlan {
         (self.route == Route::ChatToAnthropic).then_some(options.anthropic_max_tokens)
     }
 
-    /// Translates the (whole) request body. The body is parsed once.
+    /// Translates the (whole) request body, reading its head first (see
+    /// [`crate::request_head`]).
     pub fn translate_body(
         &self,
         body: &[u8],
+        options: &RequestOptions,
+    ) -> Result<TranslatedRequest, RequestError> {
+        let head = if self.reads_body {
+            RequestHead::parse(body)?
+        } else {
+            RequestHead::default()
+        };
+        self.translate_with_head(body, &head, options)
+    }
+
+    /// Translates a body whose head was already read: a passthrough reads nothing more; a
+    /// translation parses the body once more, into the upstream's request.
+    pub fn translate_with_head(
+        &self,
+        body: &[u8],
+        head: &RequestHead,
         options: &RequestOptions,
     ) -> Result<TranslatedRequest, RequestError> {
         let done = |body: Option<Vec<u8>>, response: ResponsePlan| TranslatedRequest {
@@ -345,17 +360,11 @@ impl RequestPlan {
             Route::Models(kind) => Ok(done(None, ResponsePlan::new(kind))),
             Route::OpenAiPassthrough { streams } => {
                 let start = object_start(body)?;
-                let head: RequestHead<'_> = serde_json::from_slice(body).map_err(body_error)?;
-                let model = required_model(&head)?;
+                let model = head.model()?.to_owned();
                 let stream = streams && head.stream.unwrap_or(false);
-                let client_wants_usage = matches!(
-                    head.stream_options,
-                    Some(Some(openai::StreamOptions {
-                        include_usage: Some(true)
-                    }))
-                );
+                let client_wants_usage = head.stream_options == StreamOptions::IncludeUsage;
                 let new_body = if stream && options.inject_stream_usage {
-                    openai::inject_include_usage(body, start, &head)?
+                    openai::inject_include_usage(body, start, head.stream_options)?
                 } else {
                     None
                 };
@@ -371,14 +380,14 @@ impl RequestPlan {
                     },
                 ))
             }
-            Route::OllamaPassthrough { stream_default } => {
-                passthrough(body, ResponseKind::OllamaPassthrough, stream_default)
-                    .map(|plan| done(None, plan))
-            }
-            Route::AnthropicPassthrough => {
-                passthrough(body, ResponseKind::AnthropicPassthrough, false)
-                    .map(|plan| done(None, plan))
-            }
+            Route::OllamaPassthrough { stream_default } => Ok(done(
+                None,
+                passthrough(head, ResponseKind::OllamaPassthrough, stream_default)?,
+            )),
+            Route::AnthropicPassthrough => Ok(done(
+                None,
+                passthrough(head, ResponseKind::AnthropicPassthrough, false)?,
+            )),
             Route::ChatToOllama => {
                 object_start(body)?;
                 let (new, plan) = ollama::chat_request(body)?;
@@ -414,39 +423,17 @@ pub fn translate_request(
 }
 
 fn passthrough(
-    body: &[u8],
+    head: &RequestHead,
     kind: ResponseKind,
     stream_default: bool,
 ) -> Result<ResponsePlan, RequestError> {
-    #[derive(Deserialize)]
-    struct Head<'a> {
-        #[serde(borrow)]
-        model: Option<wire::Text<'a>>,
-        stream: Option<bool>,
-    }
-    object_start(body)?;
-    let head: Head<'_> = serde_json::from_slice(body).map_err(body_error)?;
-    let model = head
-        .model
-        .map(|m| m.0.into_owned())
-        .filter(|m| !m.is_empty())
-        .ok_or(RequestError::MissingModel)?;
     Ok(ResponsePlan {
         kind,
-        model: Some(model),
+        model: Some(head.model()?.to_owned()),
         stream: head.stream.unwrap_or(stream_default),
         client_wants_usage: false,
         embeddings_base64: false,
     })
-}
-
-fn required_model(head: &RequestHead<'_>) -> Result<String, RequestError> {
-    head.model
-        .as_ref()
-        .map(|m| m.as_str())
-        .filter(|m| !m.is_empty())
-        .map(str::to_owned)
-        .ok_or(RequestError::MissingModel)
 }
 
 /// The offset of the body's opening `{`. serde would also read a struct from a JSON array, and

@@ -7,8 +7,9 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::wire::{present, OneOrMany, Text};
+use super::wire::{OneOrMany, Text};
 use super::{rfc3339, RequestError};
+use crate::request_head::StreamOptions as StreamOptionsSeen;
 use crate::stream::StreamError;
 use crate::usage::TokenCount;
 
@@ -206,16 +207,6 @@ pub struct EmbeddingsRequest<'a> {
     pub dimensions: Option<u64>,
 }
 
-/// What a passthrough needs of any request: the model and whether it streams.
-#[derive(Debug, Deserialize)]
-pub struct RequestHead<'a> {
-    #[serde(borrow)]
-    pub model: Option<Text<'a>>,
-    pub stream: Option<bool>,
-    #[serde(default, deserialize_with = "present")]
-    pub stream_options: Option<Option<StreamOptions>>,
-}
-
 /// For a streamed passthrough request that did not ask for usage: the body with
 /// `stream_options.include_usage: true`, or `None` when it already asks.
 ///
@@ -224,13 +215,11 @@ pub struct RequestHead<'a> {
 pub fn inject_include_usage(
     body: &[u8],
     object_start: usize,
-    head: &RequestHead<'_>,
+    options: StreamOptionsSeen,
 ) -> Result<Option<Vec<u8>>, RequestError> {
-    match &head.stream_options {
-        Some(Some(StreamOptions {
-            include_usage: Some(true),
-        })) => Ok(None),
-        None => {
+    match options {
+        StreamOptionsSeen::IncludeUsage => Ok(None),
+        StreamOptionsSeen::Absent => {
             const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
             let split = object_start + 1;
             let mut out = Vec::with_capacity(body.len() + MEMBER.len());
@@ -239,7 +228,7 @@ pub fn inject_include_usage(
             out.extend_from_slice(body.get(split..).unwrap_or_default());
             Ok(Some(out))
         }
-        Some(_) => {
+        StreamOptionsSeen::Other => {
             let mut object: serde_json::Map<String, Value> =
                 serde_json::from_slice(body).map_err(super::body_error)?;
             let options = object
@@ -610,13 +599,15 @@ impl ChunkUsage {
 mod tests {
     use super::*;
 
-    fn head(body: &[u8]) -> RequestHead<'_> {
-        serde_json::from_slice(body).unwrap()
+    fn head(body: &[u8]) -> StreamOptionsSeen {
+        crate::request_head::RequestHead::parse(body)
+            .unwrap()
+            .stream_options
     }
 
     fn inject(body: &str) -> Option<Value> {
         let start = body.find('{').unwrap();
-        inject_include_usage(body.as_bytes(), start, &head(body.as_bytes()))
+        inject_include_usage(body.as_bytes(), start, head(body.as_bytes()))
             .unwrap()
             .map(|b| serde_json::from_slice(&b).unwrap())
     }
@@ -625,7 +616,7 @@ mod tests {
     fn usage_is_injected_after_the_brace_when_stream_options_is_absent() {
         let body = r#"  {"model":"m","stream":true}"#;
         let start = body.find('{').unwrap();
-        let out = inject_include_usage(body.as_bytes(), start, &head(body.as_bytes())).unwrap();
+        let out = inject_include_usage(body.as_bytes(), start, head(body.as_bytes())).unwrap();
         assert_eq!(
             String::from_utf8(out.unwrap()).unwrap(),
             r#"  {"stream_options":{"include_usage":true},"model":"m","stream":true}"#

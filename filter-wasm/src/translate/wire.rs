@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 /// A JSON string, borrowed from the input unless it had escapes. A newtype because serde only
 /// borrows a `Cow` that is a field's whole type, not one inside an `Option` or `Vec`.
@@ -35,16 +35,6 @@ impl OneOrMany<'_> {
     }
 }
 
-/// Use as `#[serde(default, deserialize_with = "present")]` on an `Option<Option<T>>`: absent
-/// gives `None`, `null` gives `Some(None)`, a value `Some(Some(v))`.
-pub fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    T::deserialize(deserializer).map(Some)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -54,8 +44,6 @@ mod tests {
     struct Probe<'a> {
         #[serde(borrow)]
         text: Option<Text<'a>>,
-        #[serde(default, deserialize_with = "present")]
-        maybe: Option<Option<u32>>,
         #[serde(borrow)]
         stop: Option<OneOrMany<'a>>,
     }
@@ -66,16 +54,6 @@ mod tests {
         assert!(matches!(p.text.unwrap().0, Cow::Borrowed("plain")));
         let p: Probe<'_> = serde_json::from_str(r#"{"text":"a\"b"}"#).unwrap();
         assert!(matches!(p.text.unwrap().0, Cow::Owned(ref s) if s == "a\"b"));
-    }
-
-    #[test]
-    fn absent_null_and_value_are_told_apart() {
-        let p: Probe<'_> = serde_json::from_str(r#"{}"#).unwrap();
-        assert_eq!(p.maybe, None);
-        let p: Probe<'_> = serde_json::from_str(r#"{"maybe":null}"#).unwrap();
-        assert_eq!(p.maybe, Some(None));
-        let p: Probe<'_> = serde_json::from_str(r#"{"maybe":3}"#).unwrap();
-        assert_eq!(p.maybe, Some(Some(3)));
     }
 
     #[test]
