@@ -16,16 +16,15 @@ pub fn request_id(host: &impl Host) -> String {
 }
 
 /// Sends Tollgate's JSON error, echoing Envoy's request id in the body and `x-request-id`.
-pub fn send_error(host: &mut impl Host, status: u16, code: &str, message: &str) {
-    let request_id = request_id(host);
-    let body = error_body::render(status, code, message, &request_id);
+pub fn send_error(host: &mut impl Host, request_id: &str, status: u16, code: &str, message: &str) {
+    let body = error_body::render(status, code, message, request_id);
     // The error code header is what the audit log records as the reason.
     let mut headers = vec![
         ("content-type", "application/json"),
         (metadata::HEADER_ERROR, code),
     ];
     if !request_id.is_empty() {
-        headers.push(("x-request-id", request_id.as_str()));
+        headers.push(("x-request-id", request_id));
     }
     host.send_local_reply(status, &headers, &body);
 }

@@ -70,6 +70,9 @@ enum Gate<'a> {
 pub struct Exchange {
     phase: Phase,
     grant: Grant,
+    /// Envoy's `x-request-id`, read with the request headers: the response callbacks
+    /// cannot read it, and every error body carries it.
+    request_id: String,
     /// What the response side expects; `None` for responses passed on untouched.
     expect: Option<response::Expect>,
     response: Response,
@@ -81,6 +84,7 @@ impl Default for Exchange {
         Exchange {
             phase: Phase::Start,
             grant: Grant::default(),
+            request_id: String::new(),
             expect: None,
             response: Response::Untouched,
             admission: None,
@@ -98,6 +102,7 @@ impl Exchange {
         end_of_stream: bool,
         served: &Served,
     ) -> Action {
+        self.request_id = replies::request_id(host);
         // A request without a `:path` (plain CONNECT) has nothing to route on here; refuse it
         // rather than guess, since this gateway only serves HTTP APIs.
         let path = match host.request_header(":path").map(String::from_utf8) {
@@ -618,7 +623,7 @@ impl Exchange {
 
     fn fail(&mut self, host: &mut impl Host, status: u16, code: &str, message: &str) -> Action {
         self.phase = Phase::Refused;
-        send_error(host, status, code, message);
+        send_error(host, &self.request_id, status, code, message);
         Action::Pause
     }
 
@@ -629,7 +634,7 @@ impl Exchange {
     /// Response headers: decide how the body is handled and fix the headers for it.
     pub fn on_response_headers(&mut self, host: &mut impl Host) -> Action {
         if let Some(expect) = &self.expect {
-            self.response = Response::start(host, expect);
+            self.response = Response::start(host, expect, &self.request_id);
         }
         Action::Continue
     }

@@ -7,7 +7,6 @@ use tollgate_core::model_pattern::ModelPattern;
 
 use crate::host::{self, Host};
 use crate::model_gate;
-use crate::replies::request_id;
 use crate::transcoder::{self, ResponseMeta, ResponseTranscoder};
 use crate::translate::{upstream_error, ResponseKind, ResponsePlan};
 
@@ -52,12 +51,18 @@ pub enum Response {
         too_large: bool,
     },
     /// An upstream error of a request the gateway passed through: rewritten at the end.
-    UpstreamError { status: u16, collected: Vec<u8> },
+    UpstreamError {
+        status: u16,
+        collected: Vec<u8>,
+        request_id: String,
+    },
 }
 
 impl Response {
     /// Decides from the response headers, and fixes them for what the body becomes.
-    pub fn start(host: &mut impl Host, expect: &Expect) -> Self {
+    /// `request_id` is Envoy's, read with the request: Envoy does not give it to the
+    /// response callbacks.
+    pub fn start(host: &mut impl Host, expect: &Expect, request_id: &str) -> Self {
         let (plan, listing) = match expect {
             Expect::Plan(p) => (p, false),
             Expect::Listing(p) => (p, true),
@@ -80,7 +85,7 @@ impl Response {
         );
         let transcoder = || {
             let meta = ResponseMeta {
-                request_id: request_id(host),
+                request_id: request_id.to_owned(),
                 created: host.now_secs(),
             };
             Box::new(ResponseTranscoder::new(
@@ -94,6 +99,7 @@ impl Response {
             Response::UpstreamError {
                 status,
                 collected: Vec::new(),
+                request_id: request_id.to_owned(),
             }
         } else if listing && (200..300).contains(&status) {
             Response::Listing {
@@ -200,22 +206,25 @@ impl Response {
                 };
                 host.set_response_body(size, &out);
             }
-            Response::UpstreamError { status, collected } => {
+            Response::UpstreamError {
+                status,
+                collected,
+                request_id,
+            } => {
                 if collected.len() < ERROR_BODY_MAX {
                     let room = ERROR_BODY_MAX - collected.len();
                     collected.extend_from_slice(&chunk[..chunk.len().min(room)]);
                 }
                 let out = if end_of_stream {
-                    let rid = request_id(host);
                     if *status == 401 || *status == 403 {
                         error_body::render(
                             502,
                             "upstream_auth_failed",
                             "the model server refused the gateway's credentials",
-                            &rid,
+                            request_id,
                         )
                     } else {
-                        upstream_error::render(*status, Some(collected), &rid)
+                        upstream_error::render(*status, Some(collected), request_id)
                     }
                 } else {
                     String::new()

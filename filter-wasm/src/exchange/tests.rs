@@ -682,6 +682,25 @@ fn an_upstream_error_to_a_model_details_request_is_rewritten() {
 }
 
 #[test]
+fn an_upstream_error_carries_the_request_id_read_with_the_request() {
+    // Envoy gives the response callbacks no `request.id`.
+    let config = Config::default();
+    let mut host = FakeHost::request("GET", "/v1/models/llama3.1:8b").with_models("*");
+    let mut s = Exchange::default();
+    s.on_request_headers(&mut host, &config, true, &Served::default());
+    host.request_id = None;
+    let out = respond(
+        &mut host,
+        &mut s,
+        "404",
+        &[br#"{"error":"not found"}"#],
+        true,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["error"]["request_id"], "rid-42");
+}
+
+#[test]
 fn priced_model_reserves_cost_and_settles_it_from_the_reported_usage() {
     let config = priced(false);
     let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
