@@ -90,8 +90,16 @@ for i = 1, #KEYS do
       order[#order + 1] = key
     end
 
-    local interval = math.max(math.floor(period / math.max(per, 1)), 1)
-    local allow_until = now + period
+    -- As src/gcra.rs: the interval rounded up, the burst window `per × interval`, so a
+    -- burst is exactly `per` whatever the period (rounded down, 10406 a minute let 10407
+    -- through). At 1 µs per hit, more than 10^6 a second is refused beyond 10^6.
+    local per1 = math.max(per, 1)
+    local interval = math.max(math.ceil(period / per1), 1)
+    local allow_until = now + interval * per1
+    local function left(tat)
+      if per == 0 then return 0 end
+      return math.min(math.max(math.floor((allow_until - tat) / interval), 0), per)
+    end
 
     if mode == 'd' then
       -- Tokens already used: consumed even past the limit, and even when another hit of
@@ -104,7 +112,7 @@ for i = 1, #KEYS do
       c.refunds = debit(c.refunds)
       local tat = math.max(c.all, now)
       out[#out + 1] = 1
-      out[#out + 1] = math.max(math.floor((allow_until - tat) / interval), 0)
+      out[#out + 1] = left(tat)
       out[#out + 1] = tat - now
       out[#out + 1] = 0
     elseif mode == 'r' then
@@ -116,23 +124,23 @@ for i = 1, #KEYS do
       c.refunds = give_back(c.refunds)
       local tat = math.max(c.all, now)
       out[#out + 1] = 1
-      out[#out + 1] = math.floor((allow_until - tat) / interval)
+      out[#out + 1] = left(tat)
       out[#out + 1] = tat - now
       out[#out + 1] = 0
     else
       local base = math.max(c.all, now)
       local new_tat = base + interval * hits
       if per == 0 or new_tat > allow_until then
-        local retry = period
+        local retry = interval * per1
         if per > 0 then retry = new_tat - allow_until end
         out[#out + 1] = 0
-        out[#out + 1] = math.max(math.floor((allow_until - base) / interval), 0)
+        out[#out + 1] = left(base)
         out[#out + 1] = base - now
         out[#out + 1] = math.min(retry, MAX)
         if mode == 'e' then denied = true end
       else
         out[#out + 1] = 1
-        out[#out + 1] = math.floor((allow_until - new_tat) / interval)
+        out[#out + 1] = left(new_tat)
         out[#out + 1] = new_tat - now
         out[#out + 1] = 0
         if hits > 0 then c.all = new_tat end

@@ -20,27 +20,37 @@ pub struct Verdict {
     pub retry_after: Nanos,
 }
 
-/// The limit's period and the emission interval (period / requests, at least one tick).
-fn period_and_interval(limit: &Limit) -> (Nanos, Nanos) {
+/// The emission interval and the burst window of a limit: the interval is period / requests
+/// rounded *up* to a whole tick, the window `requests × interval`. Rounding the interval down
+/// (as this once did) admitted a burst of up to `period / interval` hits, more than `requests`
+/// whenever the period is not a multiple of it (181 million a year let 181 million and one
+/// through); rounded up, a burst is exactly `requests` and the sustained rate never exceeds
+/// `requests` per period (it falls short by under one tick per hit). A limit of 0 is computed
+/// as 1 and never admits; `remaining` is capped at the limit for it.
+fn interval_and_window(limit: &Limit) -> (Nanos, Nanos) {
     let period = u64::try_from(limit.unit.period().as_nanos()).unwrap_or(u64::MAX);
     let per = u64::from(limit.requests_per_unit.max(1));
-    (period, (period / per).max(1))
+    let interval = period.div_ceil(per).max(1);
+    (interval, interval.saturating_mul(per))
 }
 
 /// Applies `hits` at `now` to a counter whose TAT is `tat` (0 when new).
 /// Returns the verdict and the TAT to store (unchanged when denied).
 pub fn decide(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nanos) {
-    let (period, interval) = period_and_interval(limit);
+    let (interval, window) = interval_and_window(limit);
     let base = tat.max(now);
     let new_tat = base.saturating_add(interval.saturating_mul(hits));
-    let allow_until = now.saturating_add(period);
+    let allow_until = now.saturating_add(window);
     if limit.requests_per_unit == 0 || new_tat > allow_until {
-        let retry_after = if limit.requests_per_unit == 0 {
-            period
+        let (retry_after, remaining) = if limit.requests_per_unit == 0 {
+            // Nothing is ever admitted: no slot left, and nothing to wait for but a reload.
+            (window, 0)
         } else {
-            new_tat - allow_until
+            (
+                new_tat - allow_until,
+                remaining(allow_until, base, interval),
+            )
         };
-        let remaining = remaining(allow_until, base, interval);
         let verdict = Verdict {
             allowed: false,
             remaining,
@@ -61,7 +71,7 @@ pub fn decide(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nan
 /// Consumes `hits` whatever is left: a debit of what was already used (tokens counted at
 /// stream end) is never refused; it pushes later admissions back instead.
 pub fn debit(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nanos) {
-    let (period, interval) = period_and_interval(limit);
+    let (interval, window) = interval_and_window(limit);
     let new_tat = if hits == 0 {
         tat
     } else {
@@ -69,7 +79,8 @@ pub fn debit(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nano
     };
     let verdict = Verdict {
         allowed: true,
-        remaining: remaining(now.saturating_add(period), new_tat.max(now), interval),
+        remaining: remaining(now.saturating_add(window), new_tat.max(now), interval)
+            .min(limit.requests_per_unit),
         reset_after: new_tat.saturating_sub(now),
         retry_after: 0,
     };
@@ -80,7 +91,7 @@ pub fn debit(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nano
 /// TAT back, never below `now`, so a refund restores at most a full burst and never
 /// consumes. Always allowed. Returns the verdict and the TAT to store.
 pub fn refund(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nanos) {
-    let (period, interval) = period_and_interval(limit);
+    let (interval, window) = interval_and_window(limit);
     // A counter already back to full has nothing to give back; keep it as stored so a
     // refund on an idle counter writes nothing.
     let new_tat = if tat <= now {
@@ -90,7 +101,8 @@ pub fn refund(limit: &Limit, tat: Nanos, now: Nanos, hits: u64) -> (Verdict, Nan
     };
     let verdict = Verdict {
         allowed: true,
-        remaining: remaining(now.saturating_add(period), new_tat.max(now), interval),
+        remaining: remaining(now.saturating_add(window), new_tat.max(now), interval)
+            .min(limit.requests_per_unit),
         reset_after: new_tat.saturating_sub(now),
         retry_after: 0,
     };
@@ -205,5 +217,42 @@ mod tests {
         let (v, _) = decide(&per_minute(0), 0, 0, 1);
         assert!(!v.allowed);
         assert_eq!(v.retry_after, 60 * SEC);
+        assert_eq!(v.remaining, 0);
+        assert_eq!(debit(&per_minute(0), 0, 0, 1).0.remaining, 0);
+        assert_eq!(refund(&per_minute(0), 0, 0, 1).0.remaining, 0);
+    }
+
+    /// Found by `an_idle_counter_admits_a_burst_of_hits_exactly_up_to_the_limit`
+    /// (tests/properties.rs): with the interval rounded down, a period that is not a multiple
+    /// of the limit admitted more than the limit at once.
+    #[test]
+    fn burst_is_exactly_the_limit_when_the_period_is_not_a_multiple_of_it() {
+        let year = Limit {
+            requests_per_unit: 180_843_311,
+            unit: Unit::Year,
+        };
+        let now = 1_536_266_132_701_579_063;
+        assert!(!decide(&year, 0, now, 180_843_312).0.allowed);
+        let (v, _) = decide(&year, 0, now, 180_843_311);
+        assert!(v.allowed);
+        assert_eq!(v.remaining, 0);
+
+        let per_second = Limit {
+            requests_per_unit: 99_441_494,
+            unit: Unit::Second,
+        };
+        let (v, _) = decide(&per_second, 0, now, 0);
+        assert_eq!(v.remaining, 99_441_494, "remaining never exceeds the limit");
+        assert!(!decide(&per_second, 0, now, 99_441_495).0.allowed);
+
+        // 7 a minute: 7 single hits pass at once, the 8th waits.
+        let l = per_minute(7);
+        let mut tat = 0;
+        for _ in 0..7 {
+            let (v, t) = decide(&l, tat, now, 1);
+            assert!(v.allowed);
+            tat = t;
+        }
+        assert!(!decide(&l, tat, now, 1).0.allowed);
     }
 }
