@@ -88,4 +88,88 @@ mod tests {
         assert_eq!(from_bearer("Bearer "), None);
         assert_eq!(from_bearer("abc"), None);
     }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// The reference grammar: `tg_`, 12 lowercase hex, `_`, 48 lowercase hex.
+        fn reference(key: &str) -> Option<(&str, &str)> {
+            let b = key.as_bytes();
+            let hex = |s: &[u8]| s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+            let ok = b.len() == 3 + PREFIX_LEN + 1 + SECRET_LEN
+                && b.starts_with(b"tg_")
+                && b[3 + PREFIX_LEN] == b'_'
+                && hex(&b[3..3 + PREFIX_LEN])
+                && hex(&b[4 + PREFIX_LEN..]);
+            ok.then(|| (&key[3..3 + PREFIX_LEN], &key[4 + PREFIX_LEN..]))
+        }
+
+        fn hex(n: usize) -> impl Strategy<Value = String> {
+            proptest::collection::vec(
+                prop_oneof![b'0'..=b'9', b'a'..=b'f'].prop_map(char::from),
+                n,
+            )
+            .prop_map(|v| v.into_iter().collect())
+        }
+
+        /// Keys that are almost valid: mutated lengths, case, separators and characters,
+        /// or a valid key with one character replaced.
+        fn near_key() -> impl Strategy<Value = String> {
+            let one_off = (hex(PREFIX_LEN), hex(SECRET_LEN), 0usize..64, any::<char>()).prop_map(
+                |(p, s, at, c)| {
+                    let mut chars: Vec<char> = format(&p, &s).chars().collect();
+                    chars[at % 64] = c;
+                    chars.into_iter().collect::<String>()
+                },
+            );
+            let shapes = (
+                prop_oneof![
+                    Just("tg_"),
+                    Just("TG_"),
+                    Just("tg-"),
+                    Just(""),
+                    Just("tg__")
+                ],
+                "[0-9a-fA-F_g-]{10,14}",
+                prop_oneof![Just("_"), Just("-"), Just("__"), Just("")],
+                "[0-9a-fA-F_ é]{46,50}",
+            )
+                .prop_map(|(m, p, sep, s)| format!("{m}{p}{sep}{s}"));
+            prop_oneof![one_off, shapes]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn parse_agrees_with_the_reference_grammar(s in prop_oneof!["\\PC{0,80}", near_key()]) {
+                let got = parse(&s).map(|k| (k.prefix, k.secret));
+                prop_assert_eq!(got, reference(&s));
+            }
+
+            #[test]
+            fn format_then_parse_gives_the_parts_back(p in hex(PREFIX_LEN), s in hex(SECRET_LEN)) {
+                let key = format(&p, &s);
+                prop_assert_eq!(parse(&key), Some(ParsedKey { prefix: &p, secret: &s }));
+            }
+
+            #[test]
+            fn a_parsed_key_formats_back_to_itself(s in near_key()) {
+                if let Some(k) = parse(&s) {
+                    prop_assert_eq!(format(k.prefix, k.secret), s);
+                }
+            }
+
+            #[test]
+            fn bearer_extraction_never_panics_and_returns_a_trimmed_token(h in "\\PC{0,60}") {
+                if let Some(token) = from_bearer(&h) {
+                    prop_assert!(!token.is_empty());
+                    prop_assert_eq!(token, token.trim());
+                    prop_assert!(h.contains(token));
+                }
+            }
+        }
+    }
 }

@@ -108,4 +108,40 @@ mod tests {
     fn malformed_stored_hash_never_verifies() {
         assert!(!verify_secret("abc", "not-a-hash"));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// PHC strings argon2 can parse, with cheap parameters and random salt and output.
+        fn phc_like() -> impl Strategy<Value = String> {
+            (
+                prop_oneof![
+                    Just("argon2id"),
+                    Just("argon2i"),
+                    Just("argon2d"),
+                    Just("x")
+                ],
+                8u32..64,
+                1u32..3,
+                "[A-Za-z0-9+/]{11,24}",
+                "[A-Za-z0-9+/]{0,48}",
+            )
+                .prop_map(|(alg, m, t, salt, out)| {
+                    format!("${alg}$v=19$m={m},t={t},p=1${salt}${out}")
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn a_stored_hash_that_tollgate_did_not_make_never_verifies(
+                secret in "\\PC{0,60}",
+                stored in prop_oneof!["\\PC{0,120}", phc_like()],
+            ) {
+                prop_assert!(!verify_secret(&secret, &stored));
+            }
+        }
+    }
 }

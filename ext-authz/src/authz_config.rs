@@ -22,6 +22,17 @@ pub struct FileConfig {
     pub max_failures_per_ip: u32,
     #[serde(default = "default_prefix_failures")]
     pub max_failures_per_prefix: u32,
+    /// argon2 verifications at once; default: one per CPU.
+    #[serde(default)]
+    pub argon2_concurrency: Option<usize>,
+    /// Checks that may wait for an argon2 slot; past it 503 `authz_overloaded`. Default:
+    /// four per slot.
+    #[serde(default)]
+    pub argon2_queue: Option<usize>,
+    /// A key-store lookup slower than this is refused with 503 `authz_unavailable`; keep
+    /// it well under Envoy's ext_authz timeout (2 s in the shipped configs).
+    #[serde(default = "default_store_timeout_ms")]
+    pub store_timeout_ms: u64,
     /// How often the key-event log is polled (PostgreSQL also pushes via LISTEN/NOTIFY).
     #[serde(default = "default_poll_ms")]
     pub event_poll_ms: u64,
@@ -81,6 +92,9 @@ fn default_ip_failures() -> u32 {
 fn default_prefix_failures() -> u32 {
     10
 }
+fn default_store_timeout_ms() -> u64 {
+    500
+}
 fn default_poll_ms() -> u64 {
     200
 }
@@ -103,6 +117,9 @@ impl Default for FileConfig {
             failure_window_seconds: default_window(),
             max_failures_per_ip: default_ip_failures(),
             max_failures_per_prefix: default_prefix_failures(),
+            argon2_concurrency: None,
+            argon2_queue: None,
+            store_timeout_ms: default_store_timeout_ms(),
             event_poll_ms: default_poll_ms(),
             credentials: BTreeMap::new(),
             static_keys: Vec::new(),
@@ -125,6 +142,9 @@ impl FileConfig {
                 "authz config: event_poll_ms and failure_window_seconds must be > 0".into(),
             );
         }
+        if c.argon2_concurrency == Some(0) || c.store_timeout_ms == 0 {
+            return Err("authz config: argon2_concurrency and store_timeout_ms must be > 0".into());
+        }
         for (name, cred) in &c.credentials {
             if cred.header.is_empty() || !cred.format.contains("{}") {
                 return Err(format!(
@@ -133,6 +153,11 @@ impl FileConfig {
             }
         }
         Ok(c)
+    }
+
+    /// argon2 slots: the configured number, else one per CPU (`cpus`).
+    pub fn argon2_slots(&self, cpus: usize) -> usize {
+        self.argon2_concurrency.unwrap_or(cpus).max(1)
     }
 
     pub fn trusted_proxy_nets(&self) -> Result<Vec<IpNet>, String> {
@@ -163,6 +188,21 @@ mod tests {
         assert_eq!(c.cache_ttl_seconds, 5);
         assert_eq!(c.credentials["openai"].format, "Bearer {}");
         assert_eq!(c.static_keys[0].rpm, Some(10));
+    }
+
+    #[test]
+    fn argon2_and_store_bounds_have_defaults_and_refuse_zero() {
+        let c = FileConfig::parse("").unwrap();
+        assert_eq!((c.argon2_concurrency, c.argon2_queue), (None, None));
+        assert_eq!(c.argon2_slots(6), 6);
+        assert_eq!(c.store_timeout_ms, 500);
+        let c =
+            FileConfig::parse("argon2_concurrency: 2\nargon2_queue: 0\nstore_timeout_ms: 250\n")
+                .unwrap();
+        assert_eq!((c.argon2_slots(6), c.argon2_queue), (2, Some(0)));
+        assert_eq!(c.store_timeout_ms, 250);
+        assert!(FileConfig::parse("argon2_concurrency: 0").is_err());
+        assert!(FileConfig::parse("store_timeout_ms: 0").is_err());
     }
 
     #[test]

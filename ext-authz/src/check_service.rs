@@ -207,6 +207,11 @@ pub fn deny_response(denial: Denial, request_id: &str) -> CheckResponse {
     if denial.status == 429 {
         headers.push(header("retry-after", "60"));
     }
+    // A check that could not be made now (store down, argon2 budget spent) may well work
+    // a moment later.
+    if denial.status == 503 {
+        headers.push(header("retry-after", "1"));
+    }
     CheckResponse {
         status: Some(rpc::Status {
             code,
@@ -466,5 +471,14 @@ mod tests {
         assert_eq!(v["error"]["request_id"], "rid-9");
         let r = deny_response(STORE_UNAVAILABLE, "rid-9");
         assert_eq!(r.status.unwrap().code, GRPC_UNAVAILABLE);
+        let Some(HttpResponse::DeniedResponse(d)) = r.http_response else {
+            panic!("denied response expected")
+        };
+        let retry = d
+            .headers
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .find(|h| h.key == "retry-after");
+        assert_eq!(retry.map(|h| h.value.as_str()), Some("1"));
     }
 }

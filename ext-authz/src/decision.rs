@@ -2,6 +2,7 @@
 //! valid, and whether its policy lets this caller use this operation from this address.
 
 use crate::api_key;
+use crate::argon2_budget::{Admission, Argon2Budget};
 use crate::client_ip;
 use crate::failure_throttle::FailureThrottle;
 use crate::ip_net::IpNet;
@@ -9,11 +10,12 @@ use crate::key_cache::{self, KeyCache};
 use crate::key_store::{KeyRecord, KeyStore};
 use crate::policy::{self, EffectivePolicy, Limits, PolicyRow};
 use crate::static_keys::StaticKeys;
+use crate::store_breaker::StoreBreaker;
+use crate::verified_secrets::VerifiedSecrets;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 use tollgate_core::api_key as key_format;
 use tollgate_core::operation::Operation;
 
@@ -90,6 +92,12 @@ pub const STORE_UNAVAILABLE: Denial = denial(
     "authz_unavailable",
     "the API key could not be checked right now; retry later",
 );
+/// The argon2 budget is spent (many uncached keys at once): refused without hashing.
+pub const AUTHZ_OVERLOADED: Denial = denial(
+    503,
+    "authz_overloaded",
+    "too many API keys are being checked at once; retry shortly",
+);
 pub const CREDENTIAL_UNAVAILABLE: Denial = denial(
     503,
     "credential_unavailable",
@@ -160,13 +168,48 @@ pub fn permit(identity: &Identity, op: Operation, ip: Option<IpAddr>) -> Result<
 pub struct AuthorizerSettings {
     pub trusted_proxies: Vec<IpNet>,
     pub failure_window: Duration,
+    /// Failures from one source address (any key) before it is refused before hashing.
     pub max_failures_per_ip: u32,
+    /// Failures from one source address against one key prefix before that source is
+    /// refused for that prefix. Other sources are never affected.
     pub max_failures_per_prefix: u32,
     /// Concurrent argon2 verifications (each uses one core and 19 MiB).
     pub argon2_slots: usize,
 }
 
-/// Verifies presented keys against the store, with a cache and failure throttling.
+/// Bounds that keep authz answering under floods and outages (`Authorizer::with_safeguards`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Safeguards {
+    /// Checks that may wait for an argon2 slot; past slots + queue a check is refused at
+    /// once with 503 `authz_overloaded`.
+    pub argon2_queue: usize,
+    /// How long an admitted check may wait for its slot.
+    pub argon2_wait: Duration,
+    /// A key-store lookup that takes longer is refused with 503 `authz_unavailable`; it
+    /// must stay well inside Envoy's ext_authz timeout (2 s in the shipped configs).
+    pub store_timeout: Duration,
+    /// Keys remembered as genuine (`VerifiedSecrets`).
+    pub verified_keys: usize,
+}
+
+impl Safeguards {
+    pub fn for_slots(argon2_slots: usize) -> Self {
+        Self {
+            argon2_queue: argon2_slots.max(1).saturating_mul(4),
+            argon2_wait: Duration::from_secs(1),
+            store_timeout: Duration::from_millis(500),
+            verified_keys: 100_000,
+        }
+    }
+}
+
+/// Verifies presented keys against the store, with a cache, failure throttling, a global
+/// argon2 budget and a fail-fast key-store breaker.
+///
+/// Brute-force protection never works against a valid key: a key found in the cache or in
+/// `VerifiedSecrets` skips every throttle, and failures are counted per source address
+/// and per (source address, key prefix), so guesses from one source never lock out the
+/// prefix's owner elsewhere. CPU is bounded by the argon2 budget, whoever sends the keys.
 #[derive(Debug)]
 pub struct Authorizer {
     store: KeyStore,
@@ -176,11 +219,11 @@ pub struct Authorizer {
     failures: FailureThrottle,
     max_failures_per_ip: u32,
     max_failures_per_prefix: u32,
-    argon2_slots: Semaphore,
+    argon2_slots: usize,
+    argon2: Argon2Budget,
+    genuine: VerifiedSecrets,
+    store_breaker: StoreBreaker,
 }
-
-/// How long a check waits for an argon2 slot before answering 503.
-const ARGON2_QUEUE_WAIT: Duration = Duration::from_millis(1500);
 
 impl Authorizer {
     pub fn new(
@@ -189,6 +232,8 @@ impl Authorizer {
         static_keys: StaticKeys,
         s: AuthorizerSettings,
     ) -> Self {
+        let slots = s.argon2_slots.max(1);
+        let guards = Safeguards::for_slots(slots);
         Self {
             store,
             cache,
@@ -197,12 +242,26 @@ impl Authorizer {
             failures: FailureThrottle::new(s.failure_window),
             max_failures_per_ip: s.max_failures_per_ip,
             max_failures_per_prefix: s.max_failures_per_prefix,
-            argon2_slots: Semaphore::new(s.argon2_slots.max(1)),
+            argon2_slots: slots,
+            argon2: Argon2Budget::new(slots, guards.argon2_queue, guards.argon2_wait),
+            genuine: VerifiedSecrets::new(guards.verified_keys),
+            store_breaker: StoreBreaker::new(guards.store_timeout),
         }
+    }
+
+    pub fn with_safeguards(mut self, g: Safeguards) -> Self {
+        self.argon2 = Argon2Budget::new(self.argon2_slots, g.argon2_queue, g.argon2_wait);
+        self.genuine = VerifiedSecrets::new(g.verified_keys);
+        self.store_breaker = StoreBreaker::new(g.store_timeout);
+        self
     }
 
     pub fn cache(&self) -> &Arc<KeyCache> {
         &self.cache
+    }
+
+    pub fn argon2(&self) -> &Argon2Budget {
+        &self.argon2
     }
 
     pub async fn authorize(&self, req: Request<'_>) -> Outcome {
@@ -221,19 +280,13 @@ impl Authorizer {
         }
     }
 
-    fn ip_subject(ip: Option<IpAddr>) -> String {
-        ip.map(|i| format!("ip:{i}"))
-            .unwrap_or_else(|| "ip:unknown".into())
+    fn source_subject(ip: Option<IpAddr>) -> String {
+        ip.map(|i| format!("src:{i}"))
+            .unwrap_or_else(|| "src:unknown".into())
     }
 
     async fn identify(&self, req: Request<'_>, ip: Option<IpAddr>) -> Result<Identity, Denial> {
         let presented = presented_key(req.headers)?;
-        if self
-            .failures
-            .is_blocked(&Self::ip_subject(ip), self.max_failures_per_ip)
-        {
-            return Err(TOO_MANY_FAILURES);
-        }
         let digest = key_cache::digest(presented);
         if let Some(s) = self.static_keys.find(&digest) {
             return Ok(Identity {
@@ -256,28 +309,54 @@ impl Authorizer {
         if let Some(identity) = self.cache.get(&digest, now) {
             return Ok(identity);
         }
+        // A key that verified before is never held back by anyone's failures, the
+        // caller's own address included (it may be shared: NAT, an untrusted proxy).
+        let genuine = self.genuine.knows(&digest);
+        let source = Self::source_subject(ip);
+        if !genuine && self.failures.is_blocked(&source, self.max_failures_per_ip) {
+            return Err(TOO_MANY_FAILURES);
+        }
         let Some(parsed) = key_format::parse(presented) else {
-            self.failures.record_failure(&Self::ip_subject(ip));
+            self.failures.record_failure(&source);
             return Err(INVALID_KEY);
         };
-        let prefix_subject = format!("prefix:{}", parsed.prefix);
-        if self
-            .failures
-            .is_blocked(&prefix_subject, self.max_failures_per_prefix)
+        let source_prefix = format!("{source}|prefix:{}", parsed.prefix);
+        if !genuine
+            && self
+                .failures
+                .is_blocked(&source_prefix, self.max_failures_per_prefix)
         {
             return Err(TOO_MANY_FAILURES);
         }
-        let stored = self.store.find_key(parsed.prefix).await.map_err(|e| {
-            tracing::warn!(error = %e, "key store lookup failed");
-            STORE_UNAVAILABLE
-        })?;
-        // An unknown prefix still pays for one verification, so timing does not tell an
-        // attacker which prefixes exist.
-        let hash = stored
-            .as_ref()
-            .map(|s| s.secret_hash.clone())
-            .unwrap_or_else(|| api_key::decoy_hash().to_string());
-        let secret_ok = self.verify(parsed.secret, hash).await?;
+        // An unproven key takes its place in the argon2 budget before any work (the store
+        // lookup included), so a flood of them is refused at once instead of queueing on
+        // the store or the CPU; a genuine key takes one only if its hash changed.
+        let admission = if genuine { None } else { Some(self.admit()?) };
+        let stored = self
+            .store_breaker
+            .run(self.store.find_key(parsed.prefix))
+            .await
+            .map_err(|_| STORE_UNAVAILABLE)?;
+        let secret_ok = match &stored {
+            Some(s) if self.genuine.verified(&digest, &s.secret_hash) => true,
+            _ => {
+                // An unknown prefix still pays for one verification, so timing does not
+                // tell an attacker which prefixes exist; the budget bounds what that costs.
+                let hash = stored.as_ref().map_or_else(
+                    || api_key::decoy_hash().to_string(),
+                    |s| s.secret_hash.clone(),
+                );
+                let admission = match admission {
+                    Some(a) => a,
+                    None => self.admit()?,
+                };
+                let ok = self.verify(admission, parsed.secret, hash).await?;
+                if let (true, Some(s)) = (ok, &stored) {
+                    self.genuine.remember(digest, &s.secret_hash);
+                }
+                ok
+            }
+        };
         let outcome = match &stored {
             Some(s) => judge(s, secret_ok, now),
             None => Err(INVALID_KEY),
@@ -295,27 +374,23 @@ impl Authorizer {
                 });
             }
             Err(d) if d.code == INVALID_KEY.code => {
-                self.failures.record_failure(&Self::ip_subject(ip));
-                self.failures.record_failure(&prefix_subject);
+                self.failures.record_failure(&source);
+                self.failures.record_failure(&source_prefix);
             }
             Err(_) => {}
         }
         outcome
     }
 
-    /// argon2 runs on the blocking pool, at most `argon2_slots` at once; a check that
-    /// cannot get a slot in time is refused with 503 rather than queueing without bound.
-    async fn verify(&self, secret: &str, hash: String) -> Result<bool, Denial> {
-        let permit = tokio::time::timeout(ARGON2_QUEUE_WAIT, self.argon2_slots.acquire())
+    fn admit(&self) -> Result<Admission, Denial> {
+        self.argon2.admit().map_err(|_| AUTHZ_OVERLOADED)
+    }
+
+    async fn verify(&self, a: Admission, secret: &str, hash: String) -> Result<bool, Denial> {
+        self.argon2
+            .verify(a, secret, hash)
             .await
-            .map_err(|_| STORE_UNAVAILABLE)?
-            .map_err(|_| STORE_UNAVAILABLE)?;
-        let secret = secret.to_string();
-        let ok = tokio::task::spawn_blocking(move || api_key::verify_secret(&secret, &hash))
-            .await
-            .unwrap_or(false);
-        drop(permit);
-        Ok(ok)
+            .map_err(|_| AUTHZ_OVERLOADED)
     }
 }
 
@@ -517,5 +592,123 @@ mod tests {
             false,
         );
         assert_eq!(permit(&id, Operation::Images, None), Ok(()));
+    }
+
+    /// An authorizer on a fresh SQLite store with the verified-key cache off, so every
+    /// check goes past the cache as it does after a TTL end or a key event.
+    async fn uncached_authorizer(tag: &str) -> (Authorizer, KeyStore, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-decision-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = KeyStore::connect(&format!("sqlite://{}", dir.join("k.db").display()))
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let a = Authorizer::new(
+            store.clone(),
+            Arc::new(KeyCache::new(Duration::ZERO, 10)),
+            StaticKeys::default(),
+            AuthorizerSettings {
+                trusted_proxies: Vec::new(),
+                failure_window: Duration::from_secs(60),
+                max_failures_per_ip: 30,
+                max_failures_per_prefix: 10,
+                argon2_slots: 2,
+            },
+        );
+        (a, store, dir)
+    }
+
+    async fn new_key(store: &KeyStore) -> String {
+        let t = match store.tenant_by_name("acme").await.unwrap() {
+            Some(t) => t,
+            None => store.create_tenant("acme", "").await.unwrap(),
+        };
+        let k = api_key::generate().unwrap();
+        store
+            .insert_key(&t.id, "k", "", &k.prefix, &k.hash, None)
+            .await
+            .unwrap();
+        k.full_key
+    }
+
+    async fn check(a: &Authorizer, key: &str, peer: &str) -> Result<(), &'static str> {
+        let h = headers(&[("authorization", &format!("Bearer {key}"))]);
+        let req = Request {
+            headers: &h,
+            path: "/v1/chat/completions",
+            peer: Some(peer),
+        };
+        match a.authorize(req).await {
+            Outcome::Allow(_) => Ok(()),
+            Outcome::Deny(d) => Err(d.code),
+        }
+    }
+
+    fn guess(key: &str, n: usize) -> String {
+        let prefix = key_format::parse(key).unwrap().prefix;
+        format!("tg_{prefix}_{n:048x}")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_that_verified_is_never_throttled_even_from_the_guessing_address() {
+        let (a, store, dir) = uncached_authorizer("genuine").await;
+        let key = new_key(&store).await;
+        assert_eq!(check(&a, &key, "10.0.0.1").await, Ok(()));
+        let runs = a.argon2().runs();
+        // Past the per-(address, prefix) limit (10), then past the per-address one (30)
+        // with unknown prefixes.
+        let mut last = Ok(());
+        for n in 0..12 {
+            last = check(&a, &guess(&key, n), "10.0.0.1").await;
+        }
+        assert_eq!(
+            last,
+            Err(TOO_MANY_FAILURES.code),
+            "the guesser is throttled"
+        );
+        for n in 0..25u64 {
+            last = check(&a, &format!("tg_{n:012x}_{n:048x}"), "10.0.0.1").await;
+        }
+        assert_eq!(last, Err(TOO_MANY_FAILURES.code));
+        assert_eq!(
+            check(&a, "tg_junk", "10.0.0.1").await,
+            Err(TOO_MANY_FAILURES.code)
+        );
+        let before = a.argon2().runs();
+        assert_eq!(check(&a, &key, "10.0.0.1").await, Ok(()));
+        assert_eq!(check(&a, &key, "10.0.0.1").await, Ok(()));
+        assert_eq!(
+            a.argon2().runs(),
+            before,
+            "a known key skips argon2 on a miss"
+        );
+        assert_eq!(
+            before - runs,
+            30,
+            "only the guesses before each block were hashed"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn guesses_from_one_address_never_count_against_another() {
+        let (a, store, dir) = uncached_authorizer("sources").await;
+        let key = new_key(&store).await;
+        for n in 0..12 {
+            let _ = check(&a, &guess(&key, n), "203.0.113.9").await;
+        }
+        assert_eq!(
+            check(&a, &key, "203.0.113.9").await,
+            Err(TOO_MANY_FAILURES.code),
+            "a key never verified is refused from the blocked source, before hashing"
+        );
+        assert_eq!(check(&a, &key, "198.51.100.1").await, Ok(()));
+        // Verified now: from the blocked source too.
+        assert_eq!(check(&a, &key, "203.0.113.9").await, Ok(()));
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

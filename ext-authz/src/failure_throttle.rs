@@ -1,6 +1,7 @@
-//! Throttles repeated authentication failures per source IP and per key prefix, so that
-//! guessing keys cannot make the service burn CPU on argon2: past the limit, requests are
-//! refused before any hashing until the window ends.
+//! Counts authentication failures per subject (a source address, or a source address and
+//! a key prefix) in a fixed window, so a guessing source is refused before any hashing
+//! until its window ends. Subjects are chosen by the caller so that one source's failures
+//! never count against another source (see `decision::Authorizer`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -31,9 +32,14 @@ impl FailureThrottle {
 
     pub fn record_failure(&self, subject: &str) {
         let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= MAX_TRACKED {
+        if map.len() >= MAX_TRACKED && !map.contains_key(subject) {
             let w = self.window;
             map.retain(|_, (s, _)| s.elapsed() < w);
+            // Still full inside one window: keep the counts (and blocks) already made
+            // rather than forget them; the argon2 budget bounds the untracked rest.
+            if map.len() >= MAX_TRACKED {
+                return;
+            }
         }
         let e = map
             .entry(subject.to_string())

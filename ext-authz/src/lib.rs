@@ -3,6 +3,7 @@
 
 pub mod admin_http;
 pub mod api_key;
+pub mod argon2_budget;
 pub mod audit;
 pub mod authz_config;
 pub mod check_service;
@@ -19,4 +20,6 @@ pub mod metrics;
 pub mod policy;
 pub mod profile;
 pub mod static_keys;
+pub mod store_breaker;
 pub mod time;
+pub mod verified_secrets;

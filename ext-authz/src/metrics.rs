@@ -1,17 +1,37 @@
 //! Prometheus metrics of tollgate-authz: its own decisions, and the gateway-wide request,
 //! token and latency metrics derived from Envoy's access log. Label values are bounded:
-//! tenants are ids from the key store, and models past a fixed number of distinct names
-//! are folded into `other`.
+//! tenants are ids from the key store, models past a fixed number of distinct names are
+//! folded into `other`, and every value is cleaned of control characters and capped in
+//! length (a model name is whatever a client sent).
 
+use crate::argon2_budget::Argon2Metrics;
 use crate::audit::AuditEvent;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 use std::collections::HashSet;
 use std::sync::Mutex;
 
 const MAX_MODELS: usize = 100;
 const MAX_TENANTS: usize = 10_000;
+/// Longest label value, in bytes (cut at a character boundary).
+const MAX_LABEL_BYTES: usize = 128;
+
+/// A label value that keeps the exposition valid and readable: control characters (NUL,
+/// newline, tab, DEL, C1 controls …) become `?`, and the value is capped at
+/// `MAX_LABEL_BYTES`. The encoder escapes `\` and `"` itself.
+pub fn label_value(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len().min(MAX_LABEL_BYTES));
+    for c in raw.chars() {
+        let c = if c.is_control() { '?' } else { c };
+        if out.len() + c.len_utf8() > MAX_LABEL_BYTES {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
 
 #[derive(Debug)]
 struct LabelCap {
@@ -31,6 +51,8 @@ impl LabelCap {
         let Some(v) = value.filter(|v| !v.is_empty()) else {
             return "none".into();
         };
+        let v = label_value(v);
+        let v = v.as_str();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         if seen.contains(v) {
             return v.to_string();
@@ -53,6 +75,8 @@ pub struct Metrics {
     duration: HistogramVec,
     first_byte: HistogramVec,
     pub audit: IntCounterVec,
+    /// The argon2 budget's counters (`Argon2Budget::attach`).
+    pub argon2: Argon2Metrics,
     models: LabelCap,
     tenants: LabelCap,
 }
@@ -116,6 +140,28 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let argon2 = Argon2Metrics {
+            runs: IntCounter::new(
+                "tollgate_authz_argon2_verifications_total",
+                "argon2id verifications run (each ~20 ms of one core)",
+            )?,
+            admitted: IntGauge::new(
+                "tollgate_authz_argon2_admitted",
+                "Checks admitted to the argon2 budget now (looking up, waiting or hashing)",
+            )?,
+            admitted_peak: IntGauge::new(
+                "tollgate_authz_argon2_admitted_peak",
+                "Most checks admitted to the argon2 budget at once since start",
+            )?,
+            capacity: IntGauge::new(
+                "tollgate_authz_argon2_capacity",
+                "argon2 slots plus queue places; past them a check gets 503 authz_overloaded",
+            )?,
+        };
+        registry.register(Box::new(argon2.runs.clone()))?;
+        registry.register(Box::new(argon2.admitted.clone()))?;
+        registry.register(Box::new(argon2.admitted_peak.clone()))?;
+        registry.register(Box::new(argon2.capacity.clone()))?;
         registry.register(Box::new(checks.clone()))?;
         registry.register(Box::new(check_seconds.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -132,6 +178,7 @@ impl Metrics {
             duration,
             first_byte,
             audit,
+            argon2,
             models: LabelCap::new(MAX_MODELS),
             tenants: LabelCap::new(MAX_TENANTS),
         })
@@ -224,6 +271,64 @@ mod tests {
             text.contains("gateway_time_to_first_token_seconds_count{tenant=\"ten_1\"} 2"),
             "{text}"
         );
+    }
+
+    /// Every line of a text exposition is a comment or `name{labels} value`, with no
+    /// control character inside.
+    fn assert_valid_exposition(text: &str) {
+        for line in text.lines() {
+            assert!(
+                !line.chars().any(|c| c.is_control()),
+                "control character in {line:?}"
+            );
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            assert!(value.parse::<f64>().is_ok(), "bad value in {line:?}");
+            let name_end = series.find('{').unwrap_or(series.len());
+            assert!(
+                series[..name_end]
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "bad name in {line:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn control_characters_and_long_model_names_do_not_break_the_exposition() {
+        let m = Metrics::new().unwrap();
+        let long = "m".repeat(10_000);
+        for model in [
+            "llama\0\n3",
+            "evil\n# TYPE fake counter\nfake_total 1",
+            "tab\tcr\r\u{7f}\u{85}nul\0",
+            "quote\"back\\slash",
+            "ünïcödé\u{1b}[31m",
+            long.as_str(),
+        ] {
+            m.observe(&event(model));
+        }
+        let text = m.render();
+        assert_valid_exposition(&text);
+        assert!(text.contains(r#"model="llama??3""#), "{text}");
+        assert!(!text.contains("\nfake_total"), "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("fake_total")), "{text}");
+        assert!(text.contains(r#"model="quote\"back\\slash""#), "{text}");
+        assert!(text.contains(r#"model="ünïcödé?[31m""#), "{text}");
+        let capped = format!(r#"model="{}""#, "m".repeat(MAX_LABEL_BYTES));
+        assert!(text.contains(&capped), "{text}");
+        assert!(!text.contains(&"m".repeat(MAX_LABEL_BYTES + 1)));
+    }
+
+    #[test]
+    fn label_values_are_cut_at_a_character_boundary() {
+        let v = label_value(&"é".repeat(100));
+        assert_eq!(v.len(), MAX_LABEL_BYTES);
+        assert_eq!(v, "é".repeat(MAX_LABEL_BYTES / 2));
+        assert_eq!(label_value("a\u{0}b\nc"), "a?b?c");
+        assert_eq!(label_value("llama3.1:8b"), "llama3.1:8b");
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! authz-bench: ext_authz `Check` latency and server CPU per check, on a cache hit and a
-//! cache miss, at several concurrencies. Starts its own tollgate-authz (pinned to CPU 1 with
-//! taskset when available) on a fresh SQLite store and prints a Markdown table.
+//! authz-bench: ext_authz `Check` latency and server CPU per check, on a cache hit, a cache
+//! miss of a key that verified before (a store lookup, no argon2) and a wrong secret (one
+//! argon2id each), at several concurrencies. Starts its own tollgate-authz (pinned to CPU 1
+//! with taskset when available) on a fresh SQLite store and prints a Markdown table.
 //!
 //! Run: `cargo build --release -p tollgate-authz && taskset -c 0 target/release/authz-bench`
 
@@ -59,15 +60,23 @@ fn start_server(db: &str, config: &std::path::Path) -> Res<Server> {
     } else {
         Command::new(&bin)
     };
-    cmd.args(["--listen", "127.0.0.1:0", "--database-url", db, "--config"])
+    cmd.args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args(["--database-url", db, "--config"])
         .arg(config)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let mut child = cmd.spawn()?;
     let out = child.stdout.take().ok_or("no stdout")?;
+    // It prints `HTTP <addr>` (the metrics port), then `LISTENING <addr>`.
+    let mut reader = std::io::BufReader::new(out);
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
+    while !line.starts_with("LISTENING ") {
+        line.clear();
+        if std::io::BufRead::read_line(&mut reader, &mut line)? == 0 {
+            return Err("tollgate-authz exited before it was listening".into());
+        }
+    }
     let port = line
         .trim()
         .rsplit(':')
@@ -107,9 +116,14 @@ struct Row {
     cpu_us: f64,
 }
 
+/// gRPC codes of the check's answer.
+const ALLOWED: i32 = 0;
+const UNAUTHENTICATED: i32 = 16;
+
 async fn run_case(
     server: &Server,
     key: &str,
+    expect: i32,
     concurrency: usize,
     checks: usize,
     case: &'static str,
@@ -138,8 +152,9 @@ async fn run_case(
                 let r = client.check(req.clone()).await;
                 lat.push(t.elapsed());
                 if let Ok(r) = r {
-                    if r.get_ref().status.as_ref().map(|s| s.code) != Some(0) {
-                        return Err("a check was denied".to_string());
+                    let code = r.get_ref().status.as_ref().map(|s| s.code);
+                    if code != Some(expect) {
+                        return Err(format!("a check answered {code:?}, not {expect}"));
                     }
                 } else {
                     return Err("a check failed".to_string());
@@ -179,16 +194,42 @@ async fn main() -> Res<()> {
     store
         .insert_key(&t.id, "bench", "", &k.prefix, &k.hash, None)
         .await?;
+    // Same prefix, another secret: never verifies, so every check runs argon2id.
+    let parsed = tollgate_core::api_key::parse(&k.full_key).ok_or("bad generated key")?;
+    let wrong = tollgate_core::api_key::format(parsed.prefix, &"0".repeat(parsed.secret.len()));
+    // Throttles off, so each wrong secret is hashed.
+    let hashing = "cache_ttl_seconds: 0\nmax_failures_per_ip: 4000000000\n\
+                   max_failures_per_prefix: 4000000000\n";
     let mut rows = Vec::new();
-    for (case, ttl, counts) in [
-        ("cache hit", 300, [(1usize, 20_000usize), (32, 40_000)]),
-        ("cache miss (argon2id)", 0, [(1, 100), (32, 256)]),
+    for (case, config_text, key, expect, counts) in [
+        (
+            "cache hit",
+            "cache_ttl_seconds: 300\n",
+            &k.full_key,
+            ALLOWED,
+            [(1usize, 20_000usize), (32, 40_000)],
+        ),
+        (
+            "cache miss, key verified before",
+            "cache_ttl_seconds: 0\n",
+            &k.full_key,
+            ALLOWED,
+            [(1, 5_000), (32, 10_000)],
+        ),
+        (
+            "wrong secret (argon2id)",
+            hashing,
+            &wrong,
+            UNAUTHENTICATED,
+            // Within the default queue (4 per slot) and its 1 s wait for a slot.
+            [(1, 100), (4, 128)],
+        ),
     ] {
-        let config = dir.join(format!("authz-{ttl}.yaml"));
-        std::fs::write(&config, format!("cache_ttl_seconds: {ttl}\n"))?;
+        let config = dir.join(format!("authz-{}.yaml", rows.len()));
+        std::fs::write(&config, config_text)?;
         let server = start_server(&db, &config)?;
         for (c, n) in counts {
-            let row = run_case(&server, &k.full_key, c, n, case).await?;
+            let row = run_case(&server, key, expect, c, n, case).await?;
             eprintln!(
                 "{case} C={c}: {:.0}/s p50 {:?} p99 {:?} cpu {:.1} µs",
                 row.rate, row.p50, row.p99, row.cpu_us

@@ -205,6 +205,9 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader went away (`tollgate-admin audit | head`): what it read was all it
+        // wanted, so stop quietly with status 0 rather than panic like `println!`.
+        Err(e) if is_broken_pipe(e.as_ref()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE
@@ -214,11 +217,24 @@ async fn main() -> std::process::ExitCode {
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
+fn is_broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// `println!` that returns the write error (a closed pipe) instead of panicking on it.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
 fn fmt_time(t: Option<i64>) -> String {
     t.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
 }
 
-fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+fn print_table(headers: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -235,10 +251,11 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
             .trim_end()
             .to_string()
     };
-    println!("{}", line(headers.iter().map(|h| h.to_string()).collect()));
+    out!("{}", line(headers.iter().map(|h| h.to_string()).collect()))?;
     for r in rows {
-        println!("{}", line(r.clone()));
+        out!("{}", line(r.clone()))?;
     }
+    Ok(())
 }
 
 fn tenant_json(t: &Tenant) -> Value {
@@ -295,19 +312,24 @@ async fn issue_key(
     let id = store
         .insert_key(&tenant.id, name, labels, &new.prefix, &new.hash, expires_at)
         .await?;
-    if json_out {
-        println!(
+    let shown = if json_out {
+        out!(
             "{}",
             json!({"id": id, "tenant_id": tenant.id, "tenant": tenant.name, "name": name,
                    "prefix": new.prefix, "expires_at": expires_at, "key": new.full_key})
-        );
+        )
     } else {
-        println!(
+        out!(
             "key {id} created for tenant {}; it is shown only once:",
             tenant.name
-        );
-        println!("TOLLGATE_API_KEY={}", new.full_key);
-    }
+        )
+        .and_then(|()| out!("TOLLGATE_API_KEY={}", new.full_key))
+    };
+    // Unlike a listing cut short, a key nobody saw is a failure (even on a closed pipe):
+    // it exists, works, and must be revoked.
+    shown.map_err(|e| {
+        format!("key {id} was created but could not be printed ({e}); revoke it with `tollgate-admin key revoke {id}`")
+    })?;
     Ok(id)
 }
 
@@ -323,7 +345,7 @@ async fn run(cli: Cli) -> Res<()> {
     store.migrate().await?;
     let j = cli.json;
     match cli.command {
-        Command::Migrate => println!("migrations applied"),
+        Command::Migrate => out!("migrations applied")?,
         Command::Prompts {
             tenant,
             since,
@@ -339,10 +361,10 @@ async fn run(cli: Cli) -> Res<()> {
                 })
                 .collect();
             if j {
-                println!("{}", Value::Array(as_json));
+                out!("{}", Value::Array(as_json))?;
             } else {
                 for r in &as_json {
-                    println!("{r}");
+                    out!("{r}")?;
                 }
             }
         }
@@ -360,7 +382,7 @@ async fn run(cli: Cli) -> Res<()> {
                 .audit_events(since_ms, tenant_id.as_deref(), limit)
                 .await?;
             if j {
-                println!("{}", Value::Array(events.iter().map(audit_json).collect()));
+                out!("{}", Value::Array(events.iter().map(audit_json).collect()))?;
             } else {
                 let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
                 let num = |o: Option<u64>| o.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
@@ -389,22 +411,22 @@ async fn run(cli: Cli) -> Res<()> {
                         "STATUS", "IN", "OUT", "MS",
                     ],
                     &rows,
-                );
+                )?;
             }
         }
         Command::Tenant { command } => match command {
             TenantCommand::Create { name, labels } => {
                 let t = store.create_tenant(&name, &labels).await?;
                 if j {
-                    println!("{}", tenant_json(&t));
+                    out!("{}", tenant_json(&t))?;
                 } else {
-                    println!("tenant {} created (id {})", t.name, t.id);
+                    out!("tenant {} created (id {})", t.name, t.id)?;
                 }
             }
             TenantCommand::List => {
                 let all = store.list_tenants().await?;
                 if j {
-                    println!("{}", Value::Array(all.iter().map(tenant_json).collect()));
+                    out!("{}", Value::Array(all.iter().map(tenant_json).collect()))?;
                 } else {
                     let rows: Vec<Vec<String>> = all
                         .iter()
@@ -417,15 +439,15 @@ async fn run(cli: Cli) -> Res<()> {
                             ]
                         })
                         .collect();
-                    print_table(&["ID", "NAME", "STATUS", "LABELS"], &rows);
+                    print_table(&["ID", "NAME", "STATUS", "LABELS"], &rows)?;
                 }
             }
             TenantCommand::Disable { name } => {
                 let t = store.set_tenant_status(&name, "disabled").await?;
                 if j {
-                    println!("{}", tenant_json(&t))
+                    out!("{}", tenant_json(&t))?
                 } else {
-                    println!("tenant {} disabled", t.name)
+                    out!("tenant {} disabled", t.name)?
                 }
             }
             TenantCommand::PromptLog { name, days } => {
@@ -435,27 +457,27 @@ async fn run(cli: Cli) -> Res<()> {
                         .purge_prompt_logs(tollgate_authz::time::unix_now_ms())
                         .await?;
                     if !j {
-                        println!(
+                        out!(
                             "prompt logging of tenant {} is off ({purged} entries purged)",
                             t.name
-                        );
+                        )?;
                     }
                 } else if !j {
-                    println!(
+                    out!(
                         "tenant {}: request bodies are logged and kept {days} days",
                         t.name
-                    );
+                    )?;
                 }
                 if j {
-                    println!("{}", tenant_json(&t));
+                    out!("{}", tenant_json(&t))?;
                 }
             }
             TenantCommand::Enable { name } => {
                 let t = store.set_tenant_status(&name, "active").await?;
                 if j {
-                    println!("{}", tenant_json(&t))
+                    out!("{}", tenant_json(&t))?
                 } else {
-                    println!("tenant {} enabled", t.name)
+                    out!("tenant {} enabled", t.name)?
                 }
             }
         },
@@ -489,7 +511,7 @@ async fn run(cli: Cli) -> Res<()> {
                 };
                 let all = store.list_keys(tenant_id.as_deref()).await?;
                 if j {
-                    println!("{}", Value::Array(all.iter().map(key_json).collect()));
+                    out!("{}", Value::Array(all.iter().map(key_json).collect()))?;
                 } else {
                     let rows: Vec<Vec<String>> = all
                         .iter()
@@ -516,15 +538,15 @@ async fn run(cli: Cli) -> Res<()> {
                             "LAST USED",
                         ],
                         &rows,
-                    );
+                    )?;
                 }
             }
             KeyCommand::Revoke { key_id } => {
                 store.revoke_key(&key_id).await?;
                 if j {
-                    println!("{}", json!({"id": key_id, "revoked": true}))
+                    out!("{}", json!({"id": key_id, "revoked": true}))?
                 } else {
-                    println!("key {key_id} revoked")
+                    out!("key {key_id} revoked")?
                 }
             }
             KeyCommand::Rotate { key_id, grace } => {
@@ -554,7 +576,7 @@ async fn run(cli: Cli) -> Res<()> {
                 let until = tollgate_authz::time::unix_now().saturating_add(grace);
                 store.expire_key_at(&key_id, until, &new_id).await?;
                 if !j {
-                    println!("old key {key_id} stays valid until {until} (unix seconds)");
+                    out!("old key {key_id} stays valid until {until} (unix seconds)")?;
                 }
             }
         },
@@ -645,19 +667,19 @@ async fn run(cli: Cli) -> Res<()> {
                 }
                 store.put_policy(scope, &id, &row).await?;
                 if j {
-                    println!("{}", policy_json(&row))
+                    out!("{}", policy_json(&row))?
                 } else {
-                    println!("policy of {} {id} updated", scope.as_str())
+                    out!("policy of {} {id} updated", scope.as_str())?
                 }
             }
             PolicyCommand::Show { subject: s } => {
                 let (scope, id) = subject(&store, &s).await?;
                 let row = store.policy(scope, &id).await?.unwrap_or_default();
                 if j {
-                    println!(
+                    out!(
                         "{}",
                         json!({"scope": scope.as_str(), "id": id, "policy": policy_json(&row)})
-                    );
+                    )?;
                 } else {
                     let show = |o: &Option<String>, unset: &str| {
                         o.clone().unwrap_or_else(|| unset.to_string())
@@ -693,7 +715,7 @@ async fn run(cli: Cli) -> Res<()> {
                                 num(row.limits.max_concurrent.map(u64::from)),
                             ],
                         ],
-                    );
+                    )?;
                 }
             }
         },

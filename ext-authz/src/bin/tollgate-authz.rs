@@ -13,7 +13,7 @@ use tollgate_authz::audit::{als_service::AlsService, writer};
 use tollgate_authz::authz_config::FileConfig;
 use tollgate_authz::check_service::CheckService;
 use tollgate_authz::credentials::Credentials;
-use tollgate_authz::decision::{Authorizer, AuthorizerSettings};
+use tollgate_authz::decision::{Authorizer, AuthorizerSettings, Safeguards};
 use tollgate_authz::key_cache::KeyCache;
 use tollgate_authz::key_events;
 use tollgate_authz::key_store::KeyStore;
@@ -116,24 +116,35 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let authorizer = Arc::new(Authorizer::new(
-        store.clone(),
-        cache.clone(),
-        static_keys,
-        AuthorizerSettings {
-            trusted_proxies: config.trusted_proxy_nets()?,
-            failure_window: Duration::from_secs(config.failure_window_seconds),
-            max_failures_per_ip: config.max_failures_per_ip,
-            max_failures_per_prefix: config.max_failures_per_prefix,
-            argon2_slots: cores,
-        },
-    ));
+    let argon2_slots = config.argon2_slots(cores);
+    let defaults = Safeguards::for_slots(argon2_slots);
+    let authorizer = Arc::new(
+        Authorizer::new(
+            store.clone(),
+            cache.clone(),
+            static_keys,
+            AuthorizerSettings {
+                trusted_proxies: config.trusted_proxy_nets()?,
+                failure_window: Duration::from_secs(config.failure_window_seconds),
+                max_failures_per_ip: config.max_failures_per_ip,
+                max_failures_per_prefix: config.max_failures_per_prefix,
+                argon2_slots,
+            },
+        )
+        .with_safeguards(Safeguards {
+            argon2_queue: config.argon2_queue.unwrap_or(defaults.argon2_queue),
+            store_timeout: Duration::from_millis(config.store_timeout_ms),
+            verified_keys: config.cache_max_entries,
+            ..defaults
+        }),
+    );
     tokio::spawn(key_events::follow(
         store.clone(),
         cache,
         Duration::from_millis(config.event_poll_ms),
     ));
     let metrics = Arc::new(Metrics::new()?);
+    authorizer.argon2().attach(metrics.argon2.clone());
     let sink = writer::start(store.clone(), metrics.clone(), config.audit_queue_capacity);
     tokio::spawn(writer::purge_loop(
         store.clone(),
