@@ -230,20 +230,24 @@ pub fn apply(rendered: &str, spec: &RoutingSpec) -> Result<String, String> {
         ["typed_config"]
         .as_mapping_mut()
         .ok_or("envoy config: no http_connection_manager")?;
-    // Before route selection and every filter: a client's copy never picks a route.
-    hcm.insert(
-        "early_header_mutation_extensions".into(),
-        y(&format!(
-            r#"
-- name: envoy.http.early_header_mutation.header_mutation
-  typed_config:
-    "@type": type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation
-    mutations:
-    - remove: {}
-"#,
+    // The template strips a client's copy before route selection and every filter
+    // (early_header_mutation_extensions): routes match on this header, so it must be there.
+    let strips = hcm
+        .get("early_header_mutation_extensions")
+        .and_then(Value::as_sequence)
+        .is_some_and(|exts| {
+            exts.iter().any(|e| {
+                e["typed_config"]["mutations"]
+                    .as_sequence()
+                    .is_some_and(|m| m.iter().any(|m| m["remove"] == tollgate_header()))
+            })
+        });
+    if !strips {
+        return Err(format!(
+            "envoy config: the template does not strip a client's {} at the edge",
             tollgate_header()
-        )),
-    );
+        ));
+    }
     let host = hcm
         .get_mut("route_config")
         .and_then(|r| r.get_mut("virtual_hosts"))
@@ -261,17 +265,11 @@ pub fn apply(rendered: &str, spec: &RoutingSpec) -> Result<String, String> {
     host.insert("typed_per_filter_config".into(), per_filter);
     // The catch-all route matters: ext_authz checks nothing on a request that matches no
     // route, and routes are picked before the filter has named a backend. A request the
-    // filter did not route (it always does, or replies itself) ends here with a 404.
+    // filter did not route (it always does, or replies itself) ends here with a 404, which
+    // the template's local reply mappers turn into the JSON error with the request id.
     let catch_all = y(r#"
 match: {prefix: "/"}
-direct_response:
-  status: 404
-  body: {inline_string: '{"error":{"type":"not_found_error","code":"not_found","message":"no such endpoint on this gateway"}}'}
-response_headers_to_add:
-- header: {key: content-type, value: application/json}
-  append_action: OVERWRITE_IF_EXISTS_OR_ADD
-- header: {key: x-tollgate-error, value: not_found}
-  append_action: OVERWRITE_IF_EXISTS_OR_ADD
+direct_response: {status: 404}
 "#);
     let routes = vec![
         backend_route("local", "ollama_pool", spec),

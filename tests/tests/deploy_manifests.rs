@@ -324,11 +324,17 @@ fn assert_fail_closed_chain(hcm: &Value, what: &str) {
         &hcm["local_reply_config"]["mappers"],
         "local_reply_config mappers",
     );
+    // The first mapper passes Tollgate's own replies (x-tollgate-error) unchanged; every
+    // other one writes a JSON error (tests/tests/static_configs.rs checks them in detail).
     assert!(
-        mappers
+        mappers[0].get("body_format_override").is_none(),
+        "{what}: the first local reply mapper passes Tollgate's own replies unchanged"
+    );
+    assert!(
+        mappers[1..]
             .iter()
             .all(|m| m["body_format_override"]["json_format"]["error"]["code"].is_string()),
-        "{what}: every local reply mapper writes a JSON error"
+        "{what}: every other local reply mapper writes a JSON error"
     );
 }
 

@@ -386,3 +386,134 @@ fn compose_ratelimit_records_usage_in_the_postgres_ledger_through_a_buffer_on_a_
         mount.1
     );
 }
+
+/// The request id of an error body Envoy writes: the request's own when it has one, else the
+/// one the mapper adds to the response (a request refused before Envoy assigned an id).
+const REPLY_REQUEST_ID: &str = "%CEL('x-request-id' in request.headers ? request.headers['x-request-id'] : response.headers['x-request-id'])%";
+
+/// The connection manager of every config that carries one in full: local, compose, the
+/// routing example, and the connection-manager patch of the Istio EnvoyFilter. (Production
+/// must equal the local template there: tests/tests/deploy_manifests.rs.)
+fn connection_managers() -> Vec<(&'static str, Value)> {
+    let istio = yaml(&read("envoy/istio/envoy-filter.yaml"));
+    let istio_hcm = istio["spec"]["configPatches"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["applyTo"] == "NETWORK_FILTER")
+        .expect("the EnvoyFilter patches the connection manager")["patch"]["value"]["typed_config"]
+        .clone();
+    vec![
+        ("local", hcm(&yaml(&local_config())).clone()),
+        (
+            "compose",
+            hcm(&yaml(&read("envoy/envoy.compose.yaml"))).clone(),
+        ),
+        (
+            "routing example",
+            hcm(&yaml(&read("envoy/examples/routing.yaml"))).clone(),
+        ),
+        ("istio", istio_hcm),
+    ]
+}
+
+#[test]
+fn every_config_strips_a_client_backend_header_before_route_selection() {
+    for (what, hcm) in connection_managers() {
+        let exts = hcm["early_header_mutation_extensions"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{what}: no early_header_mutation_extensions"));
+        let strips = exts.iter().any(|e| {
+            e["name"] == "envoy.http.early_header_mutation.header_mutation"
+                && e["typed_config"]["mutations"]
+                    .as_sequence()
+                    .is_some_and(|m| {
+                        m.iter()
+                            .any(|m| m["remove"] == tollgate_core::metadata::HEADER_BACKEND)
+                    })
+        });
+        assert!(strips, "{what}: {exts:?}");
+    }
+}
+
+fn status_filter(op: &str, status: u64) -> Value {
+    yaml(&format!(
+        "{{comparison: {{op: {op}, value: {{default_value: {status}}}}}}}"
+    ))
+}
+
+/// The part of a status_code_filter the check cares about (runtime keys aside).
+fn status_of(filter: &Value) -> Value {
+    let c = &filter["status_code_filter"]["comparison"];
+    yaml(&format!(
+        "{{comparison: {{op: {}, value: {{default_value: {}}}}}}}",
+        c["op"].as_str().unwrap_or("?"),
+        c["value"]["default_value"].as_u64().unwrap_or(0)
+    ))
+}
+
+#[test]
+fn every_envoy_reply_mapper_writes_the_json_error_with_the_request_id() {
+    for (what, hcm) in connection_managers() {
+        let lrc = &hcm["local_reply_config"];
+        // A global format would wrap Tollgate's own JSON bodies too.
+        assert!(lrc.get("body_format").is_none(), "{what}");
+        let mappers = lrc["mappers"].as_sequence().unwrap();
+        let (first, rest) = mappers.split_first().unwrap();
+        assert_eq!(
+            first["filter"]["extension_filter"]["typed_config"]["expression"],
+            "'x-tollgate-error' in response.headers",
+            "{what}: Tollgate's own replies are matched first"
+        );
+        for field in [
+            "body_format_override",
+            "headers_to_add",
+            "status_code",
+            "body",
+        ] {
+            assert!(
+                first.get(field).is_none(),
+                "{what}: Tollgate's own replies pass unchanged ({field})"
+            );
+        }
+        for m in rest {
+            let format = &m["body_format_override"];
+            let error = &format["json_format"]["error"];
+            let code = error["code"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{what}: {m:?}"));
+            assert!(
+                error["type"].is_string() && error["message"].is_string(),
+                "{what}: {code}"
+            );
+            assert_eq!(error["request_id"], REPLY_REQUEST_ID, "{what}: {code}");
+            assert_eq!(format["content_type"], "application/json", "{what}: {code}");
+            let headers = m["headers_to_add"].as_sequence().unwrap();
+            assert_eq!(
+                headers[0],
+                yaml("{header: {key: x-request-id, value: '%UNIQUE_ID%'}, append_action: ADD_IF_ABSENT}"),
+                "{what}: {code} adds a request id when the request has none"
+            );
+            assert!(
+                headers
+                    .iter()
+                    .any(|h| h["header"]["key"] == "x-tollgate-error"
+                        && h["header"]["value"] == code),
+                "{what}: {code} names itself in x-tollgate-error"
+            );
+        }
+        // The last two catch every other 4xx and 5xx Envoy sends.
+        let n = rest.len();
+        let client = &rest[n - 2]["filter"]["and_filter"]["filters"];
+        assert_eq!(
+            (status_of(&client[0]), status_of(&client[1])),
+            (status_filter("GE", 400), status_filter("LE", 499)),
+            "{what}"
+        );
+        assert_eq!(
+            status_of(&rest[n - 1]["filter"]),
+            status_filter("GE", 500),
+            "{what}"
+        );
+    }
+}
