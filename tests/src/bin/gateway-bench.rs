@@ -323,6 +323,16 @@ async fn main() -> Res<()> {
             },
         ),
     ];
+    // `TOLLGATE_BENCH_SMOKE=1`: a few requests per row, only to prove every answer is right
+    // (`make test` runs it so a broken bench turns CI red); the figures mean nothing.
+    let smoke = std::env::var_os("TOLLGATE_BENCH_SMOKE").is_some();
+    let loads = loads.map(|(label, mut load)| {
+        if smoke {
+            load.requests = load.requests.min(2 * load.concurrency.max(2));
+        }
+        (label, load)
+    });
+    let held_streams = if smoke { 4 } else { 100 };
     let mut results: Vec<(String, Vec<Stats>, f64)> = Vec::new();
     // `GATEWAY_BENCH_VARIANTS=2,3` / `GATEWAY_BENCH_LOADS=0,1`: a subset, e.g. to profile.
     let picked = |var: &str, i: usize| {
@@ -369,7 +379,7 @@ async fn main() -> Res<()> {
             );
             stats.push(s);
         }
-        let mem = memory_per_stream(&stack, &key, 100).await?;
+        let mem = memory_per_stream(&stack, &key, held_streams).await?;
         eprintln!("{name}: {mem:.0} bytes of Envoy heap per open stream");
         results.push((name.to_string(), stats, mem));
     }
