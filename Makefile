@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.tollgate-deps
 WASM := target/wasm32-wasip1/release/tollgate_filter.wasm
 
-.PHONY: up down test deps build wasm lint unit e2e clean
+.PHONY: up down test deps sysdeps build wasm lint unit e2e clean
 
 up: deps build
 	./target/debug/tollgate-dev up
@@ -23,6 +23,26 @@ $(STAMP): tests/requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	@touch $(STAMP)
 
+# The servers the tests start for real (Redis, PostgreSQL) and the openssl CLI (test
+# certificates): installed with apt when running as root, otherwise named, and make stops.
+sysdeps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "make test needs these Debian packages:$$missing"; \
+	    echo "install them as root: apt-get install$$missing"; \
+	    exit 1; \
+	  fi; \
+	fi
+
 wasm: deps
 	cargo build -p tollgate-filter --target wasm32-wasip1 --release
 
@@ -34,7 +54,7 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy -p tollgate-filter --target wasm32-wasip1 -- -D warnings
 
-test: deps build lint
+test: sysdeps deps build lint
 	cargo test --workspace --no-fail-fast
 
 clean:
