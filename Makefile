@@ -23,13 +23,15 @@ $(STAMP): tests/requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	@touch $(STAMP)
 
-# The servers the tests start for real (Redis, PostgreSQL) and the openssl CLI (test
-# certificates): installed with apt when running as root, otherwise named, and make stops.
+# The servers the tests start for real (Redis, PostgreSQL), the openssl CLI (test
+# certificates) and the sqlite3 CLI (holds a database lock): installed with apt when running
+# as root, otherwise named, and make stops.
 sysdeps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v sqlite3 >/dev/null || missing="$$missing sqlite3"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -6,4 +6,5 @@ pub mod error_body;
 pub mod metadata;
 pub mod model_pattern;
 pub mod operation;
+pub mod refusal;
 pub mod usd;

@@ -9,6 +9,21 @@ pub const MAX_BUDGET_UNITS: u64 = u32::MAX as u64;
 /// Prices are per this many tokens.
 pub const TOKENS_PER_PRICE: u64 = 1_000_000;
 
+/// Why a price or an amount of dollars was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UsdError {
+    #[error("price {0} is not between 0 and {MAX_PRICE_USD} USD per million tokens")]
+    PriceOutOfRange(f64),
+    #[error("price {0} has more than 4 decimal places (1/10000 USD per million tokens)")]
+    PriceTooFine(f64),
+    #[error("{0:?} is not an amount in dollars like 12.50")]
+    NotDollars(String),
+    #[error("{0:?} has more than 4 decimal places (the unit is 1/10000 USD)")]
+    DollarsTooFine(String),
+    #[error("{0:?} is above the largest budget, {max} USD", max = format_dollars(MAX_BUDGET_UNITS))]
+    AboveLargestBudget(String),
+}
+
 /// A model's price in units (1/10000 USD) per million input and output tokens.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Price {
@@ -18,7 +33,7 @@ pub struct Price {
 
 impl Price {
     /// From USD per million tokens, as written in a configuration.
-    pub fn from_usd_per_mtok(input: f64, output: f64) -> Result<Price, String> {
+    pub fn from_usd_per_mtok(input: f64, output: f64) -> Result<Price, UsdError> {
         Ok(Price {
             input: price_units(input)?,
             output: price_units(output)?,
@@ -38,43 +53,32 @@ impl Price {
 /// Highest accepted price: $1,000,000 per million tokens (a typo guard, not a policy).
 const MAX_PRICE_USD: f64 = 1_000_000.0;
 
-fn price_units(usd: f64) -> Result<u64, String> {
+fn price_units(usd: f64) -> Result<u64, UsdError> {
     if !usd.is_finite() || !(0.0..=MAX_PRICE_USD).contains(&usd) {
-        return Err(format!(
-            "price {usd} is not between 0 and {MAX_PRICE_USD} USD per million tokens"
-        ));
+        return Err(UsdError::PriceOutOfRange(usd));
     }
     let scaled = usd * UNITS_PER_USD as f64;
     let units = scaled.round();
     // Finer than 1/10000 USD per million tokens would be silently rounded: refuse it.
     if (scaled - units).abs() > 1e-6 * scaled.max(1.0) {
-        return Err(format!(
-            "price {usd} has more than 4 decimal places (1/10000 USD per million tokens)"
-        ));
+        return Err(UsdError::PriceTooFine(usd));
     }
     Ok(units as u64)
 }
 
 /// Parses decimal dollars (`12.50`, `0.0001`, `400`) into units; at most 4 decimals, at
 /// most `MAX_BUDGET_UNITS`.
-pub fn parse_dollars(s: &str) -> Result<u64, String> {
+pub fn parse_dollars(s: &str) -> Result<u64, UsdError> {
     let t = s.trim();
     let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
     let digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
     if whole.is_empty() && frac.is_empty() || !digits(whole) || !digits(frac) {
-        return Err(format!("{s:?} is not an amount in dollars like 12.50"));
+        return Err(UsdError::NotDollars(s.to_string()));
     }
     if frac.len() > 4 {
-        return Err(format!(
-            "{s:?} has more than 4 decimal places (the unit is 1/10000 USD)"
-        ));
+        return Err(UsdError::DollarsTooFine(s.to_string()));
     }
-    let too_large = || {
-        format!(
-            "{s:?} is above the largest budget, {} USD",
-            format_dollars(MAX_BUDGET_UNITS)
-        )
-    };
+    let too_large = || UsdError::AboveLargestBudget(s.to_string());
     let whole: u64 = if whole.is_empty() {
         0
     } else {

@@ -130,26 +130,38 @@ impl Default for FileConfig {
     }
 }
 
+/// Why the authz configuration file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthzConfigError {
+    #[error("authz config: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+    /// An entry of `trusted_proxies`, with `IpNet::parse`'s reason.
+    #[error("authz config: trusted_proxies: {0}")]
+    TrustedProxy(String),
+    #[error("authz config: event_poll_ms and failure_window_seconds must be > 0")]
+    ZeroInterval,
+    #[error("authz config: argon2_concurrency and store_timeout_ms must be > 0")]
+    ZeroCapacity,
+    #[error("authz config: credential {0:?} needs a header and a format containing {{}}")]
+    Credential(String),
+}
+
 impl FileConfig {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, AuthzConfigError> {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        let c: FileConfig = serde_yaml::from_str(text).map_err(|e| format!("authz config: {e}"))?;
+        let c: FileConfig = serde_yaml::from_str(text)?;
         c.trusted_proxy_nets()?;
         if c.event_poll_ms == 0 || c.failure_window_seconds == 0 {
-            return Err(
-                "authz config: event_poll_ms and failure_window_seconds must be > 0".into(),
-            );
+            return Err(AuthzConfigError::ZeroInterval);
         }
         if c.argon2_concurrency == Some(0) || c.store_timeout_ms == 0 {
-            return Err("authz config: argon2_concurrency and store_timeout_ms must be > 0".into());
+            return Err(AuthzConfigError::ZeroCapacity);
         }
         for (name, cred) in &c.credentials {
             if cred.header.is_empty() || !cred.format.contains("{}") {
-                return Err(format!(
-                    "authz config: credential {name:?} needs a header and a format containing {{}}"
-                ));
+                return Err(AuthzConfigError::Credential(name.clone()));
             }
         }
         Ok(c)
@@ -160,10 +172,10 @@ impl FileConfig {
         self.argon2_concurrency.unwrap_or(cpus).max(1)
     }
 
-    pub fn trusted_proxy_nets(&self) -> Result<Vec<IpNet>, String> {
+    pub fn trusted_proxy_nets(&self) -> Result<Vec<IpNet>, AuthzConfigError> {
         self.trusted_proxies
             .iter()
-            .map(|s| IpNet::parse(s).map_err(|e| format!("authz config: trusted_proxies: {e}")))
+            .map(|s| IpNet::parse(s).map_err(AuthzConfigError::TrustedProxy))
             .collect()
     }
 }

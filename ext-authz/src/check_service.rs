@@ -1,7 +1,8 @@
 //! The ext_authz v3 gRPC service: turns a decision into Envoy's CheckResponse.
 
 use crate::credentials::{self, Credentials};
-use crate::decision::{Authorizer, Denial, Identity, Outcome, Request, CREDENTIAL_UNAVAILABLE};
+use crate::decision::{Authorizer, Denial, Outcome, Request, CREDENTIAL_UNAVAILABLE};
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::policy::Limits;
 use envoy_types::ext_authz::v3::pb::{
@@ -12,7 +13,7 @@ use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use envoy_types::pb::google::rpc;
 use std::collections::HashMap;
 use std::sync::Arc;
-use tollgate_core::{error_body, metadata};
+use tollgate_core::metadata;
 use tonic::{Response, Status};
 
 /// gRPC codes Envoy reads from `CheckResponse.status`.
@@ -190,7 +191,8 @@ pub fn allow_response(
 }
 
 pub fn deny_response(denial: Denial, request_id: &str) -> CheckResponse {
-    let code = match denial.status {
+    let status = denial.status();
+    let code = match status {
         401 => GRPC_UNAUTHENTICATED,
         429 => GRPC_RESOURCE_EXHAUSTED,
         503 => GRPC_UNAVAILABLE,
@@ -200,16 +202,16 @@ pub fn deny_response(denial: Denial, request_id: &str) -> CheckResponse {
         header("content-type", "application/json"),
         header("x-request-id", request_id),
     ];
-    headers.push(header(metadata::HEADER_ERROR, denial.code));
-    if denial.status == 401 {
+    headers.push(header(metadata::HEADER_ERROR, denial.code.as_str()));
+    if status == 401 {
         headers.push(header("www-authenticate", "Bearer"));
     }
-    if denial.status == 429 {
+    if status == 429 {
         headers.push(header("retry-after", "60"));
     }
     // A check that could not be made now (store down, argon2 budget spent) may well work
     // a moment later.
-    if denial.status == 503 {
+    if status == 503 {
         headers.push(header("retry-after", "1"));
     }
     CheckResponse {
@@ -219,10 +221,10 @@ pub fn deny_response(denial: Denial, request_id: &str) -> CheckResponse {
         }),
         http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
             status: Some(HttpStatus {
-                code: i32::from(denial.status),
+                code: i32::from(status),
             }),
             headers,
-            body: error_body::render(denial.status, denial.code, denial.message, request_id),
+            body: denial.render(request_id),
         })),
         dynamic_metadata: None,
     }
@@ -276,7 +278,7 @@ impl CheckService {
                 allow_response(&id, credential)
             }
             Outcome::Deny(d) => {
-                tracing::info!(request_id = %rid, code = d.code, status = d.status, "deny");
+                tracing::info!(request_id = %rid, code = d.code.as_str(), status = d.status(), "deny");
                 deny_response(d, &rid)
             }
         }

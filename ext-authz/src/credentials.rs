@@ -26,21 +26,30 @@ pub struct Credentials {
     by_name: BTreeMap<String, Credential>,
 }
 
+/// A configured credential whose secret is missing: start-up is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("credential {name:?}: environment variable {env} is not set")]
+pub struct MissingCredential {
+    pub name: String,
+    pub env: String,
+}
+
 impl Credentials {
     /// Resolves every configured credential; a missing variable refuses start-up rather
     /// than sending unauthenticated requests upstream later.
     pub fn from_config(
         config: &BTreeMap<String, CredentialConfig>,
         env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, MissingCredential> {
         let mut by_name = BTreeMap::new();
         for (name, c) in config {
-            let secret = env(&c.env).filter(|v| !v.is_empty()).ok_or_else(|| {
-                format!(
-                    "credential {name:?}: environment variable {} is not set",
-                    c.env
-                )
-            })?;
+            let secret =
+                env(&c.env)
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| MissingCredential {
+                        name: name.clone(),
+                        env: c.env.clone(),
+                    })?;
             by_name.insert(
                 name.clone(),
                 Credential {

@@ -5,10 +5,12 @@ use crate::api_key;
 use crate::argon2_budget::{Admission, Argon2Budget};
 use crate::client_ip;
 use crate::failure_throttle::FailureThrottle;
+use crate::identity::Identity;
 use crate::ip_net::IpNet;
-use crate::key_cache::{self, KeyCache};
+use crate::key_cache::KeyCache;
+use crate::key_digest;
 use crate::key_store::{KeyRecord, KeyStore};
-use crate::policy::{self, EffectivePolicy, Limits, PolicyRow};
+use crate::policy::{self, Limits, PolicyRow};
 use crate::static_keys::StaticKeys;
 use crate::store_breaker::StoreBreaker;
 use crate::verified_secrets::VerifiedSecrets;
@@ -18,24 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tollgate_core::api_key as key_format;
 use tollgate_core::operation::Operation;
+use tollgate_core::refusal::{Refusal, RefusalCode};
 
-/// Who is calling and what they may do, once the key checked out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub key_id: String,
-    pub tenant_id: String,
-    pub policy: EffectivePolicy,
-    /// The tenant opted in to prompt logging.
-    pub log_prompts: bool,
-}
-
-/// Why a request is refused. Messages never contain key material.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Denial {
-    pub status: u16,
-    pub code: &'static str,
-    pub message: &'static str,
-}
+/// Why a request is refused: one of Tollgate's refusal codes with a fixed message.
+/// Messages never contain key material.
+pub type Denial = Refusal;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -44,63 +33,47 @@ pub enum Outcome {
     Deny(Denial),
 }
 
-const fn denial(status: u16, code: &'static str, message: &'static str) -> Denial {
-    Denial {
-        status,
-        code,
-        message,
-    }
-}
-
-pub const MISSING_KEY: Denial = denial(
-    401,
-    "missing_api_key",
+pub const MISSING_KEY: Denial = Denial::new(
+    RefusalCode::MissingApiKey,
     "no API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'",
 );
-pub const INVALID_KEY: Denial = denial(401, "invalid_api_key", "the API key is not valid");
-pub const EXPIRED_KEY: Denial = denial(401, "expired_api_key", "the API key has expired");
-pub const REVOKED_KEY: Denial = denial(401, "revoked_api_key", "the API key has been revoked");
-pub const TENANT_DISABLED: Denial = denial(
-    403,
-    "tenant_disabled",
+pub const INVALID_KEY: Denial = Denial::new(RefusalCode::InvalidApiKey, "the API key is not valid");
+pub const EXPIRED_KEY: Denial = Denial::new(RefusalCode::ExpiredApiKey, "the API key has expired");
+pub const REVOKED_KEY: Denial =
+    Denial::new(RefusalCode::RevokedApiKey, "the API key has been revoked");
+pub const TENANT_DISABLED: Denial = Denial::new(
+    RefusalCode::TenantDisabled,
     "the tenant of this API key is disabled",
 );
-pub const IP_NOT_ALLOWED: Denial = denial(
-    403,
-    "ip_not_allowed",
+pub const IP_NOT_ALLOWED: Denial = Denial::new(
+    RefusalCode::IpNotAllowed,
     "this API key may not be used from this address",
 );
-pub const OPERATION_NOT_ALLOWED: Denial = denial(
-    403,
-    "operation_not_allowed",
+pub const OPERATION_NOT_ALLOWED: Denial = Denial::new(
+    RefusalCode::OperationNotAllowed,
     "this API key may not use this endpoint",
 );
 /// The filter counts tokens and cost only for chat, completions and embeddings: any other
 /// endpoint's usage would be spent outside the key's token and USD limits.
-pub const OPERATION_NOT_COUNTED: Denial = denial(
-    403,
-    "operation_not_allowed",
+pub const OPERATION_NOT_COUNTED: Denial = Denial::new(
+    RefusalCode::OperationNotAllowed,
     "this endpoint's usage is not counted, so a key with token or USD limits may not use it",
 );
-pub const TOO_MANY_FAILURES: Denial = denial(
-    429,
-    "too_many_failed_attempts",
+pub const TOO_MANY_FAILURES: Denial = Denial::new(
+    RefusalCode::TooManyFailedAttempts,
     "too many failed authentication attempts; retry later",
 );
-pub const STORE_UNAVAILABLE: Denial = denial(
-    503,
-    "authz_unavailable",
+pub const STORE_UNAVAILABLE: Denial = Denial::new(
+    RefusalCode::AuthzUnavailable,
     "the API key could not be checked right now; retry later",
 );
 /// The argon2 budget is spent (many uncached keys at once): refused without hashing.
-pub const AUTHZ_OVERLOADED: Denial = denial(
-    503,
-    "authz_overloaded",
+pub const AUTHZ_OVERLOADED: Denial = Denial::new(
+    RefusalCode::AuthzOverloaded,
     "too many API keys are being checked at once; retry shortly",
 );
-pub const CREDENTIAL_UNAVAILABLE: Denial = denial(
-    503,
-    "credential_unavailable",
+pub const CREDENTIAL_UNAVAILABLE: Denial = Denial::new(
+    RefusalCode::CredentialUnavailable,
     "the gateway has no credential configured for this route",
 );
 
@@ -287,7 +260,7 @@ impl Authorizer {
 
     async fn identify(&self, req: Request<'_>, ip: Option<IpAddr>) -> Result<Identity, Denial> {
         let presented = presented_key(req.headers)?;
-        let digest = key_cache::digest(presented);
+        let digest = key_digest::digest(presented);
         if let Some(s) = self.static_keys.find(&digest) {
             return Ok(Identity {
                 key_id: format!("static:{}", s.name),
@@ -373,7 +346,7 @@ impl Authorizer {
                     }
                 });
             }
-            Err(d) if d.code == INVALID_KEY.code => {
+            Err(d) if d.code == RefusalCode::InvalidApiKey => {
                 self.failures.record_failure(&source);
                 self.failures.record_failure(&source_prefix);
             }
@@ -635,7 +608,7 @@ mod tests {
         k.full_key
     }
 
-    async fn check(a: &Authorizer, key: &str, peer: &str) -> Result<(), &'static str> {
+    async fn check(a: &Authorizer, key: &str, peer: &str) -> Result<(), RefusalCode> {
         let h = headers(&[("authorization", &format!("Bearer {key}"))]);
         let req = Request {
             headers: &h,

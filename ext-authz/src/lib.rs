@@ -1,7 +1,6 @@
 //! tollgate-authz: decides who is calling (API key → tenant → policy) for Envoy's ext_authz
 //! v3, and the admin operations on tenants, keys and policies.
 
-pub mod admin_http;
 pub mod api_key;
 pub mod argon2_budget;
 pub mod audit;
@@ -11,11 +10,12 @@ pub mod client_ip;
 pub mod credentials;
 pub mod decision;
 pub mod failure_throttle;
+pub mod identity;
 pub mod ip_net;
 pub mod key_cache;
+pub mod key_digest;
 pub mod key_events;
 pub mod key_store;
-pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod profile;

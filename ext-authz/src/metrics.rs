@@ -7,8 +7,7 @@
 use crate::argon2_budget::Argon2Metrics;
 use crate::audit::AuditEvent;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -214,10 +213,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        // Encoding into a Vec cannot fail for the text format.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        tollgate_runtime::side_port::exposition(&self.registry)
     }
 }
 

@@ -5,7 +5,7 @@
 
 use crate::ip_net::IpNet;
 use std::net::IpAddr;
-use tollgate_core::model_pattern::{self, ModelPattern};
+use tollgate_core::model_pattern::{self, ModelPattern, PatternError};
 use tollgate_core::operation::{self, Operation};
 
 /// Operations a policy allows when it names none: the core model APIs. Audio, images,
@@ -81,11 +81,23 @@ impl EffectivePolicy {
     }
 }
 
-pub fn parse_models(s: &str) -> Result<Vec<ModelPattern>, String> {
-    model_pattern::parse_list(s)
+/// Why a stored or given policy field does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error(transparent)]
+    Model(#[from] PatternError),
+    #[error("unknown operation {0:?}")]
+    UnknownOperation(String),
+    /// An address or CIDR that does not parse, with `IpNet::parse`'s reason.
+    #[error("{0}")]
+    Ip(String),
 }
 
-pub fn parse_operations(s: &str) -> Result<Vec<Operation>, String> {
+pub fn parse_models(s: &str) -> Result<Vec<ModelPattern>, PolicyError> {
+    Ok(model_pattern::parse_list(s)?)
+}
+
+pub fn parse_operations(s: &str) -> Result<Vec<Operation>, PolicyError> {
     s.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
@@ -95,7 +107,7 @@ pub fn parse_operations(s: &str) -> Result<Vec<Operation>, String> {
             } else {
                 Operation::parse(p)
                     .map(|o| vec![o])
-                    .ok_or_else(|| format!("unknown operation {p:?}"))
+                    .ok_or_else(|| PolicyError::UnknownOperation(p.to_string()))
             }
         })
         .collect::<Result<Vec<_>, _>>()
@@ -107,11 +119,11 @@ pub fn parse_operations(s: &str) -> Result<Vec<Operation>, String> {
         })
 }
 
-pub fn parse_ips(s: &str) -> Result<Vec<IpNet>, String> {
+pub fn parse_ips(s: &str) -> Result<Vec<IpNet>, PolicyError> {
     s.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(IpNet::parse)
+        .map(|p| IpNet::parse(p).map_err(PolicyError::Ip))
         .collect()
 }
 

@@ -12,8 +12,19 @@ pub enum Profile {
     Foundation,
 }
 
+/// Every reason a foundation deployment must not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("foundation profile refuses to start: {}", .problems.join("; "))]
+pub struct ProfileRefused {
+    pub problems: Vec<&'static str>,
+}
+
 /// Why a foundation deployment must not start; `Ok` for casual.
-pub fn check(profile: Profile, database_url: &str, config: &FileConfig) -> Result<(), String> {
+pub fn check(
+    profile: Profile,
+    database_url: &str,
+    config: &FileConfig,
+) -> Result<(), ProfileRefused> {
     if profile == Profile::Casual {
         return Ok(());
     }
@@ -21,11 +32,10 @@ pub fn check(profile: Profile, database_url: &str, config: &FileConfig) -> Resul
     let postgres =
         database_url.starts_with("postgres://") || database_url.starts_with("postgresql://");
     if !postgres {
-        problems.push("the key store must be PostgreSQL (--database-url postgres://…)".to_string());
+        problems.push("the key store must be PostgreSQL (--database-url postgres://…)");
     }
     if !config.static_keys.is_empty() {
-        problems
-            .push("static keys are not allowed; issue named keys with tollgate-admin".to_string());
+        problems.push("static keys are not allowed; issue named keys with tollgate-admin");
     }
     if config.require_database_tls && postgres {
         // What the key store will do with this URL, parsed the way it parses it (`sslmode`
@@ -37,22 +47,17 @@ pub fn check(profile: Profile, database_url: &str, config: &FileConfig) -> Resul
             )
         });
         if !tls {
-            problems.push("require_database_tls is set but the database URL has no sslmode=require/verify-ca/verify-full".to_string());
+            problems.push("require_database_tls is set but the database URL has no sslmode=require/verify-ca/verify-full");
         }
     }
     if config.cache_ttl_seconds > 300 {
-        problems.push(
-            "cache_ttl_seconds above 300 keeps revoked keys usable too long if events stop"
-                .to_string(),
-        );
+        problems
+            .push("cache_ttl_seconds above 300 keeps revoked keys usable too long if events stop");
     }
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(format!(
-            "foundation profile refuses to start: {}",
-            problems.join("; ")
-        ))
+        Err(ProfileRefused { problems })
     }
 }
 
@@ -76,7 +81,9 @@ mod tests {
     #[test]
     fn foundation_refuses_sqlite_static_keys_and_plaintext_db_when_tls_required() {
         let mut c = FileConfig::default();
-        let e = check(Profile::Foundation, "sqlite://x.db", &c).unwrap_err();
+        let e = check(Profile::Foundation, "sqlite://x.db", &c)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("PostgreSQL"), "{e}");
         c.static_keys.push(StaticKeyConfig {
             name: "k".into(),
@@ -86,12 +93,14 @@ mod tests {
         });
         assert!(check(Profile::Foundation, "postgres://db/x", &c)
             .unwrap_err()
+            .to_string()
             .contains("static keys"));
         c.static_keys.clear();
         assert!(check(Profile::Foundation, "postgres://db/x", &c).is_ok());
         c.require_database_tls = true;
         assert!(check(Profile::Foundation, "postgres://db/x", &c)
             .unwrap_err()
+            .to_string()
             .contains("sslmode"));
         assert!(check(
             Profile::Foundation,
@@ -125,6 +134,7 @@ mod tests {
             assert!(
                 check(Profile::Foundation, url, &c)
                     .unwrap_err()
+                    .to_string()
                     .contains("sslmode"),
                 "{url}"
             );

@@ -2,10 +2,19 @@
 //! (a preimage-resistant hash, so lookup timing tells nothing about the key).
 
 use crate::authz_config::StaticKeyConfig;
-use crate::key_cache::{digest, KeyDigest};
+use crate::key_digest::{digest, KeyDigest};
 use std::collections::HashMap;
 
 pub const MIN_LEN: usize = 32;
+
+/// Why the static keys refuse start-up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StaticKeyError {
+    #[error("static key {name:?}: environment variable {env} is not set")]
+    Unset { name: String, env: String },
+    #[error("static key {0:?} must be at least {MIN_LEN} characters")]
+    TooShort(String),
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaticKey {
@@ -23,20 +32,15 @@ impl StaticKeys {
     pub fn from_config(
         config: &[StaticKeyConfig],
         env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, StaticKeyError> {
         let mut by_digest = HashMap::new();
         for c in config {
-            let key = env(&c.env).ok_or_else(|| {
-                format!(
-                    "static key {:?}: environment variable {} is not set",
-                    c.name, c.env
-                )
+            let key = env(&c.env).ok_or_else(|| StaticKeyError::Unset {
+                name: c.name.clone(),
+                env: c.env.clone(),
             })?;
             if key.len() < MIN_LEN {
-                return Err(format!(
-                    "static key {:?} must be at least {MIN_LEN} characters",
-                    c.name
-                ));
+                return Err(StaticKeyError::TooShort(c.name.clone()));
             }
             by_digest.insert(
                 digest(&key),

@@ -4,7 +4,7 @@
 //! stored hash is unchanged. It is not an authorization cache: revocation, expiry, tenant
 //! status and policy are read from the store on every miss, so key events do not clear it.
 
-use crate::key_cache::KeyDigest;
+use crate::key_digest::KeyDigest;
 use blake2::{Blake2b, Digest};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -73,7 +73,7 @@ impl VerifiedSecrets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key_cache::digest;
+    use crate::key_digest::digest;
 
     #[test]
     fn a_remembered_key_verifies_only_against_the_same_hash() {

@@ -24,9 +24,9 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 use crate::path_guard::{BadEntry, Blocklist, EntryKind};
-use crate::pricing::{PriceMap, RawPrices};
+use crate::pricing::{PriceConfigError, PriceMap, RawPrices};
 use crate::request_head::COUNT_MAX;
-use crate::routing::{RawRouting, Routing};
+use crate::routing::{InvalidRouting, RawRouting, Routing};
 use crate::translate::{RequestOptions, Upstream};
 
 /// Ollama's endpoints that change what the model server holds.
@@ -104,34 +104,32 @@ struct PluginConfig {
 }
 
 /// Why a configuration was refused.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("invalid plugin configuration: {0}")]
     Json(serde_json::Error),
+    #[error(
+        "invalid plugin configuration: {} entry {:?}: {}",
+        blocklist_field(.0.kind),
+        .0.entry,
+        .0.reason
+    )]
     BadEntry(BadEntry),
+    #[error("invalid plugin configuration: routing: {0}")]
+    Routing(#[from] InvalidRouting),
+    #[error("invalid plugin configuration: prices: {0}")]
+    Prices(#[from] PriceConfigError),
+    #[error("invalid plugin configuration: {0}")]
     Invalid(String),
 }
 
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ConfigError::Json(e) => write!(f, "invalid plugin configuration: {e}"),
-            ConfigError::BadEntry(bad) => {
-                let field = match bad.kind {
-                    EntryKind::Path => "blocked_paths",
-                    EntryKind::Prefix => "blocked_prefixes",
-                };
-                write!(
-                    f,
-                    "invalid plugin configuration: {field} entry {:?}: {}",
-                    bad.entry, bad.reason
-                )
-            }
-            ConfigError::Invalid(why) => write!(f, "invalid plugin configuration: {why}"),
-        }
+/// The configuration field a blocklist entry came from.
+fn blocklist_field(kind: EntryKind) -> &'static str {
+    match kind {
+        EntryKind::Path => "blocked_paths",
+        EntryKind::Prefix => "blocked_prefixes",
     }
 }
-
-impl std::error::Error for ConfigError {}
 
 impl Default for Config {
     fn default() -> Self {
@@ -204,17 +202,12 @@ impl Config {
                             .into(),
                     ));
                 }
-                Some(
-                    Routing::from_raw(r)
-                        .map_err(|e| ConfigError::Invalid(format!("routing: {e}")))?,
-                )
+                Some(Routing::from_raw(r)?)
             }
             None => None,
         };
         let prices = match raw.prices {
-            Some(p) => Some(
-                PriceMap::from_raw(p).map_err(|e| ConfigError::Invalid(format!("prices: {e}")))?,
-            ),
+            Some(p) => Some(PriceMap::from_raw(p)?),
             None => None,
         };
         let mut request_options = RequestOptions::default();

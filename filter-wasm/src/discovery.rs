@@ -4,11 +4,14 @@
 
 use serde::Deserialize;
 use std::collections::BTreeSet;
+use tollgate_core::model_pattern::canonical;
 
 /// What a list endpoint returned, as names the client may use.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelSet {
     names: BTreeSet<String>,
+    /// The same names as a server resolves them (`model_pattern::canonical`).
+    canonical: BTreeSet<String>,
 }
 
 #[derive(Deserialize)]
@@ -33,9 +36,14 @@ struct OpenAiModel {
     id: String,
 }
 
+/// A poll's body that is neither list shape (the poll failed).
+#[derive(Debug, thiserror::Error)]
+#[error("model list is neither /api/tags nor /v1/models: {0}")]
+pub struct UnknownListing(serde_json::Error);
+
 impl ModelSet {
     /// Parses either list shape; anything else is an error (the poll failed).
-    pub fn parse(body: &[u8]) -> Result<Self, String> {
+    pub fn parse(body: &[u8]) -> Result<Self, UnknownListing> {
         if let Ok(tags) = serde_json::from_slice::<OllamaTags>(body) {
             let mut names = BTreeSet::new();
             for m in tags.models {
@@ -44,31 +52,25 @@ impl ModelSet {
                     names.insert(model);
                 }
             }
-            return Ok(Self { names });
+            return Ok(Self::from_names(names));
         }
         match serde_json::from_slice::<OpenAiList>(body) {
-            Ok(list) => Ok(Self {
-                names: list.data.into_iter().map(|m| m.id).collect(),
-            }),
-            Err(e) => Err(format!(
-                "model list is neither /api/tags nor /v1/models: {e}"
-            )),
+            Ok(list) => Ok(Self::from_names(list.data.into_iter().map(|m| m.id))),
+            Err(e) => Err(UnknownListing(e)),
         }
     }
 
     pub fn from_names<I: IntoIterator<Item = S>, S: Into<String>>(names: I) -> Self {
-        Self {
-            names: names.into_iter().map(Into::into).collect(),
-        }
+        let names: BTreeSet<String> = names.into_iter().map(Into::into).collect();
+        let canonical = names.iter().map(|n| canonical(n).into_owned()).collect();
+        Self { names, canonical }
     }
 
-    /// Whether the upstream serves `model`. Ollama treats a name without a tag as
-    /// `:latest`, so `llama3` matches a served `llama3:latest`.
+    /// Whether the upstream serves `model` as it resolves names: Ollama treats a name
+    /// without a tag as `:latest` (`llama3` is a served `llama3:latest`), ignores case and
+    /// fills in its default registry and namespace.
     pub fn contains(&self, model: &str) -> bool {
-        if self.names.contains(model) {
-            return true;
-        }
-        !model.contains(':') && self.names.contains(&format!("{model}:latest"))
+        self.names.contains(model) || self.canonical.contains(canonical(model).as_ref())
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {

@@ -4,35 +4,22 @@
 use crate::discovery::ModelSet;
 use serde_json::Value;
 use tollgate_core::model_pattern::{self, ModelPattern};
+use tollgate_core::refusal::{Refusal, RefusalCode};
 
-/// A refusal the filter answers with its JSON error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: u16,
-    pub code: &'static str,
-    pub message: &'static str,
-}
-
-pub const MODEL_NOT_ALLOWED: Refusal = Refusal {
-    status: 403,
-    code: "model_not_allowed",
-    message: "this API key may not use this model",
-};
-pub const MODEL_NOT_FOUND: Refusal = Refusal {
-    status: 404,
-    code: "model_not_found",
-    message: "this model is not served here",
-};
-pub const DISCOVERY_UNAVAILABLE: Refusal = Refusal {
-    status: 503,
-    code: "models_unavailable",
-    message: "the gateway does not yet know which models are served; retry shortly",
-};
-pub const NO_POLICY: Refusal = Refusal {
-    status: 403,
-    code: "model_not_allowed",
-    message: "no model allowlist was provided for this request",
-};
+pub const MODEL_NOT_ALLOWED: Refusal = Refusal::new(
+    RefusalCode::ModelNotAllowed,
+    "this API key may not use this model",
+);
+pub const MODEL_NOT_FOUND: Refusal =
+    Refusal::new(RefusalCode::ModelNotFound, "this model is not served here");
+pub const DISCOVERY_UNAVAILABLE: Refusal = Refusal::new(
+    RefusalCode::ModelsUnavailable,
+    "the gateway does not yet know which models are served; retry shortly",
+);
+pub const NO_POLICY: Refusal = Refusal::new(
+    RefusalCode::ModelNotAllowed,
+    "no model allowlist was provided for this request",
+);
 
 /// The allowlist from metadata (`"llama3*,local/*"`, `"*"`). Missing or unreadable
 /// metadata allows nothing: the filter never guesses wider than authz said.

@@ -13,8 +13,23 @@
 //! unseen.
 
 use serde::Deserialize;
-use tollgate_core::model_pattern::ModelPattern;
-use tollgate_core::usd::Price;
+use tollgate_core::model_pattern::{ModelPattern, PatternError};
+use tollgate_core::usd::{Price, UsdError};
+
+/// Why a `prices` configuration was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PriceConfigError {
+    #[error("give models, a default, or both")]
+    Empty,
+    #[error(transparent)]
+    Pattern(#[from] PatternError),
+    #[error("model pattern {0:?} is priced twice")]
+    PricedTwice(String),
+    #[error("{pattern:?}: {source}")]
+    Price { pattern: String, source: UsdError },
+    #[error("default: {0}")]
+    Default(UsdError),
+}
 
 /// One price in the configuration's JSON: USD per million tokens.
 #[derive(Debug, Deserialize)]
@@ -50,33 +65,36 @@ pub struct PriceMap {
 }
 
 impl RawPrice {
-    fn price(&self) -> Result<Price, String> {
+    fn price(&self) -> Result<Price, UsdError> {
         Price::from_usd_per_mtok(self.input_usd_per_mtok, self.output_usd_per_mtok)
     }
 }
 
 impl RawModelPrice {
-    fn price(&self) -> Result<Price, String> {
+    fn price(&self) -> Result<Price, UsdError> {
         Price::from_usd_per_mtok(self.input_usd_per_mtok, self.output_usd_per_mtok)
     }
 }
 
 impl PriceMap {
-    pub fn from_raw(raw: RawPrices) -> Result<PriceMap, String> {
+    pub fn from_raw(raw: RawPrices) -> Result<PriceMap, PriceConfigError> {
         if raw.models.is_empty() && raw.default.is_none() {
-            return Err("give models, a default, or both".into());
+            return Err(PriceConfigError::Empty);
         }
         let mut models = Vec::with_capacity(raw.models.len());
         for m in &raw.models {
             let pattern = ModelPattern::parse(&m.pattern)?;
             if models.iter().any(|(p, _)| *p == pattern) {
-                return Err(format!("model pattern {:?} is priced twice", m.pattern));
+                return Err(PriceConfigError::PricedTwice(m.pattern.clone()));
             }
-            let price = m.price().map_err(|e| format!("{:?}: {e}", m.pattern))?;
+            let price = m.price().map_err(|source| PriceConfigError::Price {
+                pattern: m.pattern.clone(),
+                source,
+            })?;
             models.push((pattern, price));
         }
         let default = match &raw.default {
-            Some(d) => Some(d.price().map_err(|e| format!("default: {e}"))?),
+            Some(d) => Some(d.price().map_err(PriceConfigError::Default)?),
             None => None,
         };
         Ok(PriceMap { models, default })
@@ -99,6 +117,7 @@ mod tests {
 
     fn map(json: &str) -> Result<PriceMap, String> {
         PriceMap::from_raw(serde_json::from_str(json).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())
     }
 
     #[test]

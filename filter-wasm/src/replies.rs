@@ -1,7 +1,8 @@
 //! Owns the bodies the filter answers with itself: Tollgate's JSON error (with Envoy's request
 //! id) and the model listings it answers from discovery.
 
-use tollgate_core::{error_body, metadata};
+use tollgate_core::metadata;
+use tollgate_core::refusal::RefusalCode;
 
 use crate::endpoint;
 use crate::host::Host;
@@ -16,17 +17,17 @@ pub fn request_id(host: &impl Host) -> String {
 }
 
 /// Sends Tollgate's JSON error, echoing Envoy's request id in the body and `x-request-id`.
-pub fn send_error(host: &mut impl Host, request_id: &str, status: u16, code: &str, message: &str) {
-    let body = error_body::render(status, code, message, request_id);
+pub fn send_error(host: &mut impl Host, request_id: &str, code: RefusalCode, message: &str) {
+    let body = code.render(message, request_id);
     // The error code header is what the audit log records as the reason.
     let mut headers = vec![
         ("content-type", "application/json"),
-        (metadata::HEADER_ERROR, code),
+        (metadata::HEADER_ERROR, code.as_str()),
     ];
     if !request_id.is_empty() {
         headers.push(("x-request-id", request_id));
     }
-    host.send_local_reply(status, &headers, &body);
+    host.send_local_reply(code.status(), &headers, &body);
 }
 
 /// Sends a JSON body with 200.

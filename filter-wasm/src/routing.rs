@@ -12,24 +12,32 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
-use tollgate_core::model_pattern::{self, ModelPattern};
+use tollgate_core::model_pattern::{self, ModelPattern, PatternError};
 
 use crate::discovery::{ModelSet, Served};
 use crate::model_gate::{
-    Refusal, DISCOVERY_UNAVAILABLE, MODEL_NOT_ALLOWED, MODEL_NOT_FOUND as NOT_SERVED, NO_POLICY,
+    DISCOVERY_UNAVAILABLE, MODEL_NOT_ALLOWED, MODEL_NOT_FOUND as NOT_SERVED, NO_POLICY,
 };
 use crate::translate::Upstream;
+use tollgate_core::refusal::{Refusal, RefusalCode};
 
-pub const NO_BACKEND: Refusal = Refusal {
-    status: 404,
-    code: "model_not_found",
-    message: "no backend on this gateway serves this model",
-};
-pub const NO_ROUTE: Refusal = Refusal {
-    status: 404,
-    code: "not_found",
-    message: "no such endpoint on this gateway",
-};
+pub const NO_BACKEND: Refusal = Refusal::new(
+    RefusalCode::ModelNotFound,
+    "no backend on this gateway serves this model",
+);
+pub const NO_ROUTE: Refusal =
+    Refusal::new(RefusalCode::NotFound, "no such endpoint on this gateway");
+
+/// Why a `routing` configuration was refused: the message names the entry and the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidRouting(String);
+
+impl From<PatternError> for InvalidRouting {
+    fn from(e: PatternError) -> Self {
+        Self(e.to_string())
+    }
+}
 
 /// One model server pool, as Envoy sees it: requests go to the route matching its name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,31 +154,31 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl Routing {
-    pub(crate) fn from_raw(raw: RawRouting) -> Result<Routing, String> {
+    pub(crate) fn from_raw(raw: RawRouting) -> Result<Routing, InvalidRouting> {
         let mut backends = BTreeMap::new();
         for (name, b) in &raw.backends {
             if !valid_name(name) {
-                return Err(format!(
+                return Err(InvalidRouting(format!(
                     "backend name {name:?}: use 1-64 letters, digits, '-', '_' or '.'"
-                ));
+                )));
             }
             let upstream = Upstream::parse(&b.upstream).ok_or_else(|| {
-                format!(
+                InvalidRouting(format!(
                     "backend {name:?}: upstream {:?} is not one of openai, ollama, anthropic",
                     b.upstream
-                )
+                ))
             })?;
             if b.cluster.is_empty() {
-                return Err(format!("backend {name:?} needs a cluster"));
+                return Err(InvalidRouting(format!("backend {name:?} needs a cluster")));
             }
             let discovery_path = match &b.discovery {
                 None | Some(RawDiscovery::On(true)) => Some(list_path(upstream).to_owned()),
                 Some(RawDiscovery::On(false)) => None,
                 Some(RawDiscovery::Path(p)) if p.starts_with('/') => Some(p.clone()),
                 Some(RawDiscovery::Path(p)) => {
-                    return Err(format!(
+                    return Err(InvalidRouting(format!(
                         "backend {name:?}: discovery path {p:?} must start with '/'"
-                    ))
+                    )))
                 }
             };
             backends.insert(
@@ -184,27 +192,29 @@ impl Routing {
             );
         }
         if backends.is_empty() {
-            return Err("routing needs at least one backend".into());
+            return Err(InvalidRouting("routing needs at least one backend".into()));
         }
         for (name, b) in &backends {
             let Some(f) = &b.fallback else { continue };
-            let fb = backends
-                .get(f)
-                .ok_or_else(|| format!("backend {name:?}: fallback {f:?} is not a backend"))?;
+            let fb = backends.get(f).ok_or_else(|| {
+                InvalidRouting(format!("backend {name:?}: fallback {f:?} is not a backend"))
+            })?;
             // The body was translated for the first backend's API before Envoy picks a host;
             // a fallback speaking another API would get a body it cannot read.
             if f == name || fb.upstream != b.upstream || fb.fallback.is_some() {
-                return Err(format!(
+                return Err(InvalidRouting(format!(
                     "backend {name:?}: fallback {f:?} must be another backend with the same \
                      upstream and no fallback of its own"
-                ));
+                )));
             }
         }
         let known = |b: &str, what: &str| {
             if backends.contains_key(b) {
                 Ok(())
             } else {
-                Err(format!("{what} names backend {b:?}, which is not defined"))
+                Err(InvalidRouting(format!(
+                    "{what} names backend {b:?}, which is not defined"
+                )))
             }
         };
         let mut models = Vec::new();
@@ -212,10 +222,10 @@ impl Routing {
             known(&m.backend, &format!("model route {:?}", m.pattern))?;
             let pattern = ModelPattern::parse(&m.pattern)?;
             if m.upstream_model.is_some() && !matches!(pattern, ModelPattern::Exact(_)) {
-                return Err(format!(
+                return Err(InvalidRouting(format!(
                     "model route {:?}: upstream_model needs an exact model name",
                     m.pattern
-                ));
+                )));
             }
             models.push(ModelRoute {
                 pattern,
@@ -236,7 +246,9 @@ impl Routing {
                 known(b, &format!("alias {name:?}"))?;
             }
             if name.is_empty() || alias.model.is_empty() || alias.model == name {
-                return Err(format!("alias {name:?} must name another model"));
+                return Err(InvalidRouting(format!(
+                    "alias {name:?} must name another model"
+                )));
             }
             aliases.insert(name, alias);
         }
@@ -254,23 +266,40 @@ impl Routing {
 
         for (name, alias) in &routing.aliases {
             if routing.aliases.contains_key(&alias.model) {
-                return Err(format!("alias {name:?} points at another alias"));
+                return Err(InvalidRouting(format!(
+                    "alias {name:?} points at another alias"
+                )));
             }
             if alias.backend.is_none() && routing.model_route(&alias.model).is_none() {
-                return Err(format!(
+                return Err(InvalidRouting(format!(
                     "alias {name:?}: no model route serves {:?}",
                     alias.model
-                ));
+                )));
             }
         }
         if routing.interval_ms < 100 || routing.timeout_ms == 0 {
-            return Err("routing needs interval_ms >= 100 and timeout_ms > 0".into());
+            return Err(InvalidRouting(
+                "routing needs interval_ms >= 100 and timeout_ms > 0".into(),
+            ));
         }
         Ok(routing)
     }
 
+    /// The first model route for `model`. A route to an Ollama backend matches names as
+    /// Ollama resolves them (case, default registry and tag); a route to any other backend
+    /// only as written, since those servers match names exactly and would not run it.
     fn model_route(&self, model: &str) -> Option<&ModelRoute> {
-        self.models.iter().find(|m| m.pattern.matches(model))
+        self.models.iter().find(|m| {
+            let ollama = self
+                .backends
+                .get(&m.backend)
+                .is_some_and(|b| b.upstream == Upstream::Ollama);
+            if ollama {
+                m.pattern.matches(model)
+            } else {
+                m.pattern.matches_as_written(model)
+            }
+        })
     }
 
     /// Where `model` goes, aliases resolved; `None` when no route serves it.
@@ -381,7 +410,7 @@ mod tests {
 
     fn routing(json: &str) -> Result<Routing, String> {
         let raw: RawRouting = serde_json::from_str(json).map_err(|e| e.to_string())?;
-        Routing::from_raw(raw)
+        Routing::from_raw(raw).map_err(|e| e.to_string())
     }
 
     fn example() -> Routing {

@@ -124,7 +124,7 @@ impl ConfigWatcher {
         let thread = std::thread::Builder::new()
             .name("tollgate-config-watch".into())
             .spawn(move || {
-                let mut seen: Result<Snapshot, String> = Ok(loaded);
+                let mut seen = Seen::Contents(loaded);
                 while !stopping.load(Ordering::Acquire) {
                     std::thread::park_timeout(every);
                     if stopping.load(Ordering::Acquire) {
@@ -140,24 +140,28 @@ impl ConfigWatcher {
     }
 }
 
+/// What the last poll saw: the files' contents (valid or not), or why they could not be
+/// read.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    Contents(Snapshot),
+    Unreadable(String),
+}
+
 /// One poll: returns what was seen, so an unchanged broken file is reported only once.
-fn poll(
-    source: &ConfigSource,
-    shared: &SharedConfig,
-    seen: Result<Snapshot, String>,
-) -> Result<Snapshot, String> {
+fn poll(source: &ConfigSource, shared: &SharedConfig, seen: Seen) -> Seen {
     let snapshot = match source.read() {
         Ok(s) => s,
         Err(e) => {
             let e = e.to_string();
-            if seen.as_ref().err() != Some(&e) {
+            if !matches!(&seen, Seen::Unreadable(last) if *last == e) {
                 tracing::error!(error = %e, "rate limit config unreadable; keeping the current one");
             }
-            return Err(e);
+            return Seen::Unreadable(e);
         }
     };
-    if seen.as_ref().ok() == Some(&snapshot) {
-        return Ok(snapshot);
+    if matches!(&seen, Seen::Contents(last) if *last == snapshot) {
+        return Seen::Contents(snapshot);
     }
     match Config::parse(&snapshot) {
         Ok(config) => {
@@ -173,7 +177,7 @@ fn poll(
         }
     }
     // Remember the contents even when invalid: they are reported once, not every poll.
-    Ok(snapshot)
+    Seen::Contents(snapshot)
 }
 
 impl Drop for ConfigWatcher {

@@ -93,6 +93,13 @@ pub struct Limit {
     pub unit: Unit,
 }
 
+impl Limit {
+    /// Token limits over a day or longer are budgets; shorter ones are rates (TPM).
+    pub fn is_budget(&self) -> bool {
+        matches!(self.unit, Unit::Day | Unit::Week | Unit::Month | Unit::Year)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,16 +18,45 @@ pub struct Descriptor<'a> {
     /// Envoy's `descriptor.limit` (Tollgate's authz fills it from per-key metadata).
     pub limit_override: Option<Limit>,
     pub hits: u64,
-    /// Envoy's `is_negative_hits`, or a `tokens_refund` phase: give `hits` back.
-    pub refund: bool,
-    /// A `tokens_extra` phase: consume `hits` even past the limit.
-    pub debit: bool,
+    /// What this call does with its counter (`tollgate_phase`).
+    pub phase: Phase<'a>,
+}
+
+/// What one descriptor's call does, from its `tollgate_phase` entry (none: a request rate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase<'a> {
+    /// A request counter; `refund` (Envoy's `is_negative_hits`) gives `hits` back.
+    Requests { refund: bool },
+    /// A token counter (TPM or budget): admission, extra debit and refund share it.
+    Tokens(TokenStep),
+    /// A concurrency limit (`lease` or `release`) rather than a rate.
+    Lease(Lease<'a>),
+    /// A stream's real usage for the ledger (`usage`): never limited.
+    Usage,
+}
+
+/// Which step of a request's token accounting a token descriptor is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenStep {
+    /// At admission: reserve `hits`, refused past the limit.
+    Reserve,
+    /// `tokens_extra`: consume `hits` even past the limit.
+    Debit,
+    /// `tokens_refund` (or Envoy's `is_negative_hits`): give `hits` back.
+    Refund,
+}
+
+impl<'a> AsRef<Descriptor<'a>> for Descriptor<'a> {
+    fn as_ref(&self) -> &Descriptor<'a> {
+        self
+    }
+}
+
+impl Phase<'_> {
     /// A token counter (TPM or budget) rather than a request counter.
-    pub tokens: bool,
-    /// A concurrency limit (`tollgate_phase` `lease` or `release`) rather than a rate.
-    pub lease: Option<Lease<'a>>,
-    /// A stream's real usage for the ledger (`tollgate_phase=usage`): never limited.
-    pub usage: bool,
+    pub fn is_tokens(&self) -> bool {
+        matches!(self, Phase::Tokens(_))
+    }
 }
 
 /// What a concurrency descriptor does with the slot of its request id.
@@ -74,7 +103,7 @@ struct Resolved<'c> {
 }
 
 fn resolve<'c>(config: &'c Config, domain: &str, d: &Descriptor<'_>) -> Option<Resolved<'c>> {
-    if d.entries.is_empty() || d.usage {
+    if d.entries.is_empty() || d.phase == Phase::Usage {
         return None;
     }
     if let Some(limit) = d.limit_override {
@@ -97,20 +126,22 @@ fn resolve<'c>(config: &'c Config, domain: &str, d: &Descriptor<'_>) -> Option<R
     })
 }
 
-/// `lease_ttl` bounds how long a concurrency slot is held without its release.
-pub async fn decide<S: CounterStore>(
+/// `descriptors` are the limiter's [`Descriptor`]s or values holding one (the RLS's parsed
+/// descriptors). `lease_ttl` bounds how long a concurrency slot is held without its release.
+pub async fn decide<'d, S: CounterStore, D: AsRef<Descriptor<'d>>>(
     store: &S,
     config: &Config,
     domain: &str,
-    descriptors: &[Descriptor<'_>],
+    descriptors: &[D],
     lease_ttl: Duration,
 ) -> Result<Decision, StoreError> {
     let mut resolved: Vec<Option<Resolved<'_>>> = descriptors
         .iter()
         .map(|d| {
+            let d = d.as_ref();
             let r = resolve(config, domain, d);
             // A slot cannot be held "in shadow": a shadow concurrency limit is not counted.
-            if d.lease.is_some() {
+            if matches!(d.phase, Phase::Lease(_)) {
                 r.filter(|r| !r.shadow)
             } else {
                 r
@@ -135,7 +166,7 @@ pub async fn decide<S: CounterStore>(
         }
     }
     let mut hits = Vec::with_capacity(descriptors.len());
-    for (d, r) in descriptors.iter().zip(&resolved) {
+    for (d, r) in descriptors.iter().map(AsRef::as_ref).zip(&resolved) {
         let Some(Resolved {
             limit: Some(limit),
             shadow,
@@ -144,7 +175,7 @@ pub async fn decide<S: CounterStore>(
         else {
             continue;
         };
-        if let Some(lease) = d.lease {
+        if let Phase::Lease(lease) = d.phase {
             let mode = match lease {
                 Lease::Acquire(id) => HitMode::Acquire {
                     id: id.to_string(),
@@ -164,14 +195,13 @@ pub async fn decide<S: CounterStore>(
             key: redis_keys::counter_key(domain, &d.entries, limit),
             limit: *limit,
             hits: d.hits,
-            mode: if d.refund {
-                HitMode::Refund
-            } else if d.debit {
-                HitMode::Debit
-            } else if *shadow {
-                HitMode::Shadow
-            } else {
-                HitMode::Enforce
+            mode: match d.phase {
+                Phase::Requests { refund: true } | Phase::Tokens(TokenStep::Refund) => {
+                    HitMode::Refund
+                }
+                Phase::Tokens(TokenStep::Debit) => HitMode::Debit,
+                _ if *shadow => HitMode::Shadow,
+                _ => HitMode::Enforce,
             },
         });
     }

@@ -1,23 +1,13 @@
-//! Prometheus metrics of tollgate-ratelimit and its plain-HTTP side port: `/metrics`,
-//! `/healthz` (the process runs) and `/readyz` (the counter store answers).
+//! Prometheus metrics of tollgate-ratelimit, served on the side port's `/metrics`
+//! (`tollgate_runtime::side_port`).
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Response, StatusCode};
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
-};
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use tokio::net::TcpListener;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     decisions: IntCounterVec,
     seconds: HistogramVec,
-    ready: AtomicBool,
 }
 
 impl Metrics {
@@ -46,7 +36,6 @@ impl Metrics {
             registry,
             decisions,
             seconds,
-            ready: AtomicBool::new(false),
         })
     }
 
@@ -55,69 +44,7 @@ impl Metrics {
         self.seconds.with_label_values(&[result]).observe(seconds);
     }
 
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
-    }
-
-    pub fn ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-    }
-
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
-    }
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r
-}
-
-/// Renders the budget ledger's drift report for `GET /ledger/drift`: `Ok(json)` or an error.
-pub type DriftReport = Arc<
-    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>
-        + Send
-        + Sync,
->;
-
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, drift: Option<DriftReport>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        let drift = drift.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let report = match (req.uri().path(), &drift) {
-                        ("/ledger/drift", Some(d)) => Some(d()),
-                        _ => None,
-                    };
-                    let r = match req.uri().path() {
-                        "/metrics" => text(StatusCode::OK, metrics.render()),
-                        "/healthz" => text(StatusCode::OK, "ok\n".into()),
-                        "/readyz" if metrics.ready() => text(StatusCode::OK, "ready\n".into()),
-                        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
-                        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
-                    };
-                    async move {
-                        Ok::<_, Infallible>(match report {
-                            Some(report) => match report.await {
-                                Ok(json) => text(StatusCode::OK, json),
-                                Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
-                            },
-                            None => r,
-                        })
-                    }
-                });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
-        });
+        tollgate_runtime::side_port::exposition(&self.registry)
     }
 }

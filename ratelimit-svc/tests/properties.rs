@@ -22,7 +22,7 @@ use tollgate_ratelimit::counter_store::{
 use tollgate_ratelimit::descriptor_config::{Config, Rule};
 use tollgate_ratelimit::gcra::{self, Nanos, Verdict};
 use tollgate_ratelimit::limit_policy::{Limit, Unit};
-use tollgate_ratelimit::limiter::{self, Descriptor, Outcome};
+use tollgate_ratelimit::limiter::{self, Descriptor, Outcome, Phase};
 
 /// `n` cases, unless `PROPTEST_CASES` asks for another number: `with_cases` alone would
 /// override the environment variable that `ProptestConfig::default()` reads.
@@ -899,11 +899,7 @@ proptest! {
                     entries: borrowed(&d.entries),
                     limit_override: d.limit_override,
                     hits: d.hits,
-                    refund: false,
-                    debit: false,
-                    tokens: false,
-                    lease: None,
-                    usage: false,
+                    phase: Phase::Requests { refund: false },
                 })
                 .collect();
             let decision = block_on(limiter::decide(

@@ -27,16 +27,44 @@ impl AuditSink {
     }
 }
 
-/// Starts the writer task; returns the sink the access-log service feeds.
-pub fn start(store: KeyStore, metrics: Arc<Metrics>, capacity: usize) -> AuditSink {
+/// Starts the writer task; returns the sink the access-log service feeds and the task.
+/// Once `stop` resolves the queue takes no more events (they count as dropped), and the
+/// task ends when what was queued by then is written: awaiting it is the shutdown drain.
+pub fn start(
+    store: KeyStore,
+    metrics: Arc<Metrics>,
+    capacity: usize,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (AuditSink, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    tokio::spawn(run(store, rx, metrics.clone()));
-    AuditSink { tx, metrics }
+    let task = tokio::spawn(run(store, rx, metrics.clone(), stop));
+    (AuditSink { tx, metrics }, task)
 }
 
-async fn run(store: KeyStore, mut rx: mpsc::Receiver<AuditEvent>, metrics: Arc<Metrics>) {
+async fn run(
+    store: KeyStore,
+    mut rx: mpsc::Receiver<AuditEvent>,
+    metrics: Arc<Metrics>,
+    stop: impl std::future::Future<Output = ()>,
+) {
     let mut batch = Vec::with_capacity(BATCH);
-    while let Some(first) = rx.recv().await {
+    let mut stop = std::pin::pin!(stop);
+    let mut stopping = false;
+    loop {
+        let next = if stopping {
+            rx.recv().await
+        } else {
+            tokio::select! {
+                e = rx.recv() => e,
+                () = &mut stop => {
+                    // Closed: `recv` hands out what is queued, then `None`.
+                    rx.close();
+                    stopping = true;
+                    continue;
+                }
+            }
+        };
+        let Some(first) = next else { break };
         batch.push(first);
         while batch.len() < BATCH {
             match rx.try_recv() {

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tollgate_authz::admin_http::{self, Readiness};
 use tollgate_authz::audit::{als_service::AlsService, writer};
 use tollgate_authz::authz_config::FileConfig;
 use tollgate_authz::check_service::CheckService;
@@ -19,6 +18,10 @@ use tollgate_authz::key_events;
 use tollgate_authz::key_store::KeyStore;
 use tollgate_authz::metrics::Metrics;
 use tollgate_authz::static_keys::StaticKeys;
+use tollgate_runtime::accept::Incoming;
+use tollgate_runtime::readiness::Readiness;
+use tollgate_runtime::shutdown::{self, Grace, Served, Shutdown};
+use tollgate_runtime::side_port::SidePort;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,47 +53,14 @@ struct Args {
         default_value = "127.0.0.1:10011"
     )]
     http_listen: SocketAddr,
+    #[command(flatten)]
+    grace: Grace,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tollgate_authz::logging::init();
-    match run(Args::parse()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-/// Ready while the key store answers; the gRPC health service says the same, so Envoy's
-/// health checks and Kubernetes probes agree.
-async fn readiness_loop(
-    store: KeyStore,
-    ready: Arc<Readiness>,
-    health: tonic_health::server::HealthReporter,
-) {
-    loop {
-        let ok = matches!(
-            tokio::time::timeout(Duration::from_secs(1), store.ping()).await,
-            Ok(Ok(()))
-        );
-        if ok != ready.get() {
-            tracing::info!(ready = ok, "readiness changed");
-        }
-        ready.set(ok);
-        let status = if ok {
-            tonic_health::ServingStatus::Serving
-        } else {
-            tonic_health::ServingStatus::NotServing
-        };
-        health.set_service_status("", status).await;
-        health
-            .set_service_status("envoy.service.auth.v3.Authorization", status)
-            .await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    tollgate_runtime::logging::init();
+    tollgate_runtime::logging::exit_code(run(Args::parse()).await)
 }
 
 fn env(name: &str) -> Option<String> {
@@ -98,6 +68,8 @@ fn env(name: &str) -> Option<String> {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Caught from here on: a SIGTERM while starting stops the service cleanly too.
+    let shutdown = Shutdown::on_signals()?;
     let config = match &args.config {
         Some(path) => FileConfig::parse(
             &std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
@@ -145,35 +117,73 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     ));
     let metrics = Arc::new(Metrics::new()?);
     authorizer.argon2().attach(metrics.argon2.clone());
-    let sink = writer::start(store.clone(), metrics.clone(), config.audit_queue_capacity);
+    // The queue closes only after the open calls are served (`close_audit`), so the access
+    // log entries Envoy sends during the drain are still written.
+    let close_audit = Shutdown::new();
+    let (sink, audit_writer) = writer::start(
+        store.clone(),
+        metrics.clone(),
+        config.audit_queue_capacity,
+        close_audit.triggered(),
+    );
     tokio::spawn(writer::purge_loop(
         store.clone(),
         Duration::from_secs(u64::from(config.audit_retention_days) * 86_400),
     ));
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let ready = Arc::new(Readiness::default());
-    tokio::spawn(readiness_loop(store.clone(), ready.clone(), health));
+    // Ready while the key store answers.
+    let readiness = Readiness::new(&["envoy.service.auth.v3.Authorization"]).await;
+    tokio::spawn(readiness.clone().follow({
+        let store = store.clone();
+        move || {
+            let store = store.clone();
+            async move { store.ping().await.is_ok() }
+        }
+    }));
 
     let http = TcpListener::bind(args.http_listen).await?;
     println!("HTTP {}", http.local_addr()?);
-    tokio::spawn(admin_http::serve(http, metrics.clone(), ready));
+    let side = SidePort::new(
+        {
+            let metrics = metrics.clone();
+            move || metrics.render()
+        },
+        readiness.clone(),
+    );
+    tokio::spawn(side.serve(http));
 
     let listener = TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     println!("LISTENING {addr}");
     tracing::info!(%addr, postgres = store.is_postgres(), "tollgate-authz serving ext_authz v3 and access logs");
     let service = CheckService::new(authorizer, credentials, metrics.clone());
-    tonic::transport::Server::builder()
-        .add_service(health_service)
+    let server = tonic::transport::Server::builder()
+        .add_service(readiness.grpc_health())
         .add_service(AuthorizationServer::new(service))
         .add_service(AccessLogServiceServer::new(AlsService::new(sink, metrics)))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                let _ = tokio::signal::ctrl_c().await;
-            },
-        )
-        .await?;
+        .serve_with_incoming_shutdown(Incoming::new(listener), shutdown.triggered());
+    // Drain: not ready (Envoy's health checks and Kubernetes move traffic away), no new
+    // connections, open calls (and Envoy's access-log stream) served for the calls' share,
+    // then the queued audit events written.
+    let served = match shutdown::serve_until_drained(
+        std::pin::pin!(server),
+        &shutdown,
+        &readiness,
+        args.grace.calls(),
+    )
+    .await
+    {
+        Served::Early(served) => return Ok(served?),
+        Served::Drained(served) => served,
+    };
+    close_audit.trigger();
+    match shutdown::within("audit queue", args.grace.queue(), audit_writer).await {
+        Some(_) => tracing::info!("audit queue written"),
+        None => tracing::warn!("audit events still queued were not written"),
+    }
+    // An error of the server's own is reported after the queue is written.
+    if let Some(served) = served {
+        served?;
+    }
     Ok(())
 }

@@ -6,11 +6,10 @@ mod rows;
 
 use crate::audit::AuditEvent;
 use crate::policy::{Limits, PolicyRow};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use sqlx::{PgPool, SqlitePool};
-use std::str::FromStr;
-use std::time::Duration;
+use tollgate_runtime::sql_pool::{PoolSize, SqlPoolError};
+
+/// The key store's pool: the runtime's, under the name the store's code uses.
+pub use tollgate_runtime::sql_pool::SqlPool as Pool;
 
 pub use rows::{KeyInfo, KeyRecord, Tenant};
 
@@ -29,6 +28,22 @@ pub enum StoreError {
     Invalid(String),
     #[error("{0} not found")]
     NotFound(String),
+}
+
+impl From<SqlPoolError> for StoreError {
+    fn from(e: SqlPoolError) -> Self {
+        match e {
+            SqlPoolError::UnsupportedUrl => StoreError::Invalid(e.to_string()),
+            SqlPoolError::Connect(e) => StoreError::from(e),
+            SqlPoolError::Migrate(e) => StoreError::Migration(e),
+        }
+    }
+}
+
+impl From<tollgate_runtime::ids::IdError> for StoreError {
+    fn from(e: tollgate_runtime::ids::IdError) -> Self {
+        StoreError::Invalid(e.to_string())
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -56,12 +71,6 @@ impl Scope {
     }
 }
 
-#[derive(Debug, Clone)]
-pub enum Pool {
-    Sqlite(SqlitePool),
-    Postgres(PgPool),
-}
-
 /// Runs the same code against whichever pool this store has; `$p` is the typed pool.
 macro_rules! on_pool {
     ($pool:expr, |$p:ident| $body:expr) => {
@@ -79,12 +88,9 @@ pub struct KeyStore {
     url: String,
 }
 
-fn new_id(kind: &str) -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 8];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{kind}_{hex}")
+/// `ten_…` / `key_…` with 64 random bits from the operating system.
+fn new_id(kind: &str) -> Result<String, StoreError> {
+    Ok(tollgate_runtime::ids::prefixed(kind)?)
 }
 
 fn to_i64(v: Option<u64>) -> Option<i64> {
@@ -92,36 +98,17 @@ fn to_i64(v: Option<u64>) -> Option<i64> {
 }
 
 impl KeyStore {
+    /// Key store pool sizes: checks read concurrently; SQLite has one writer anyway.
+    const POOL: PoolSize = PoolSize {
+        sqlite: 4,
+        postgres: 8,
+    };
+
+    /// `sqlite:…` or `postgres://…`; does not migrate (see [`KeyStore::migrate`]).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let opts = PgConnectOptions::from_str(url)?;
-            Pool::Postgres(
-                PgPoolOptions::new()
-                    .max_connections(8)
-                    .acquire_timeout(Duration::from_secs(2))
-                    .connect_with(opts)
-                    .await?,
-            )
-        } else if url.starts_with("sqlite:") {
-            // WAL so the admin CLI can write while the service reads.
-            let opts = SqliteConnectOptions::from_str(url)?
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .busy_timeout(Duration::from_secs(5));
-            Pool::Sqlite(
-                SqlitePoolOptions::new()
-                    .max_connections(4)
-                    .acquire_timeout(Duration::from_secs(2))
-                    .connect_with(opts)
-                    .await?,
-            )
-        } else {
-            return Err(StoreError::Invalid(
-                "database URL must start with sqlite: or postgres://".into(),
-            ));
-        };
+        let pool = Pool::connect(url, Self::POOL).await?;
         Ok(Self {
-            url_is_postgres: matches!(pool, Pool::Postgres(_)),
+            url_is_postgres: pool.is_postgres(),
             pool,
             url: url.to_string(),
         })
@@ -140,11 +127,7 @@ impl KeyStore {
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        match &self.pool {
-            Pool::Sqlite(p) => sqlx::migrate!("../migrations/sqlite").run(p).await?,
-            Pool::Postgres(p) => sqlx::migrate!("../migrations/postgres").run(p).await?,
-        }
-        Ok(())
+        Ok(self.pool.migrate().await?)
     }
 
     /// Whether the store answers at all (readiness).
@@ -215,7 +198,7 @@ impl KeyStore {
             ));
         }
         let t = Tenant {
-            id: new_id("ten"),
+            id: new_id("ten")?,
             name: name.to_string(),
             status: "active".into(),
             labels: labels.to_string(),
@@ -292,7 +275,7 @@ impl KeyStore {
         secret_hash: &str,
         expires_at: Option<i64>,
     ) -> Result<String, StoreError> {
-        let id = new_id("key");
+        let id = new_id("key")?;
         on_pool!(&self.pool, |p| {
             sqlx::query(
             "INSERT INTO api_keys (id, prefix, secret_hash, name, tenant_id, labels, created_at, expires_at) \

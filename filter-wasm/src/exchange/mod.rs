@@ -20,7 +20,7 @@ use crate::discovery::{ModelSet, Served};
 use crate::endpoint;
 use crate::grant::Grant;
 use crate::host::{self, Action, Host};
-use crate::model_gate::{self, Refusal};
+use crate::model_gate;
 use crate::path_guard::{decide, Decision, InvalidPath};
 use crate::replies::{self, send_error, BLOCKED_MESSAGE};
 use crate::request_head::{self, RequestHead};
@@ -29,6 +29,7 @@ use crate::translate::{
     self, plan_request, RequestError, RequestPlan, ResponseKind, ResponsePlan, Upstream,
 };
 use tollgate_core::metadata;
+use tollgate_core::refusal::{Refusal, RefusalCode};
 
 use response::Response;
 
@@ -112,7 +113,9 @@ impl Exchange {
         };
         match decide(&path, &config.blocklist) {
             Decision::Allow => {}
-            Decision::Block => return self.fail(host, 403, "endpoint_blocked", BLOCKED_MESSAGE),
+            Decision::Block => {
+                return self.fail(host, RefusalCode::EndpointBlocked, BLOCKED_MESSAGE)
+            }
             Decision::Invalid(why) => return self.refuse_path(host, why),
         }
         // Envoy strips a client's copy at the edge; removing it here too means a config
@@ -144,7 +147,7 @@ impl Exchange {
                     endpoint::bare(&path),
                     allowed.join(" or ")
                 );
-                return self.fail(host, 405, "method_not_allowed", &message);
+                return self.fail(host, RefusalCode::MethodNotAllowed, &message);
             }
         }
         if let Some(id) = endpoint::retrieved_model(&path) {
@@ -303,8 +306,7 @@ impl Exchange {
         }
         self.fail(
             host,
-            403,
-            "operation_not_allowed",
+            RefusalCode::OperationNotAllowed,
             "this endpoint is not checked or metered by the gateway, and this key has a \
              model allowlist or token limits",
         );
@@ -330,8 +332,7 @@ impl Exchange {
         if size > config.max_body_bytes {
             return self.fail(
                 host,
-                413,
-                "request_too_large",
+                RefusalCode::RequestTooLarge,
                 "the request body is too large",
             );
         }
@@ -570,8 +571,7 @@ impl Exchange {
             // Its cost could not be counted: admitting it would spend the budget unseen.
             return self.fail(
                 host,
-                403,
-                "model_not_priced",
+                RefusalCode::ModelNotPriced,
                 "this model has no price on this gateway and the key has a USD budget",
             );
         }
@@ -614,21 +614,21 @@ impl Exchange {
     }
 
     fn fail_request(&mut self, host: &mut impl Host, e: &RequestError) -> Action {
-        self.fail(host, e.status(), e.code(), &e.to_string())
+        self.fail(host, e.code(), &e.to_string())
     }
 
     fn refuse(&mut self, host: &mut impl Host, r: Refusal) -> Action {
-        self.fail(host, r.status, r.code, r.message)
+        self.fail(host, r.code, r.message)
     }
 
-    fn fail(&mut self, host: &mut impl Host, status: u16, code: &str, message: &str) -> Action {
+    fn fail(&mut self, host: &mut impl Host, code: RefusalCode, message: &str) -> Action {
         self.phase = Phase::Refused;
-        send_error(host, &self.request_id, status, code, message);
+        send_error(host, &self.request_id, code, message);
         Action::Pause
     }
 
     fn refuse_path(&mut self, host: &mut impl Host, why: InvalidPath) -> Action {
-        self.fail(host, 400, "invalid_path", &why.to_string())
+        self.fail(host, RefusalCode::InvalidPath, &why.to_string())
     }
 
     /// Response headers: decide how the body is handled and fix the headers for it.

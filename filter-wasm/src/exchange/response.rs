@@ -2,8 +2,8 @@
 //! listings collected and filtered to the caller's models, upstream errors of requests the
 //! gateway passed through rewritten into Tollgate's shape.
 
-use tollgate_core::error_body;
 use tollgate_core::model_pattern::ModelPattern;
+use tollgate_core::refusal::RefusalCode;
 
 use crate::host::{self, Host};
 use crate::model_gate;
@@ -217,9 +217,7 @@ impl Response {
                 }
                 let out = if end_of_stream {
                     if *status == 401 || *status == 403 {
-                        error_body::render(
-                            502,
-                            "upstream_auth_failed",
+                        RefusalCode::UpstreamAuthFailed.render(
                             "the model server refused the gateway's credentials",
                             request_id,
                         )

@@ -701,6 +701,31 @@ fn an_upstream_error_carries_the_request_id_read_with_the_request() {
 }
 
 #[test]
+fn a_model_spelt_as_ollama_resolves_it_is_priced_and_allowed_as_that_model() {
+    // Ollama runs all of these as llama3.1:8b: pricing them at the cheaper default would
+    // let a USD budget overshoot.
+    let config = priced(true);
+    let cost = |model: &str| {
+        let body = format!(r#"{{"model":"{model}","max_tokens":1000,"messages":[]}}"#);
+        let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("llama3*");
+        let (_, action) = send(&mut host, &config, &body, None);
+        assert_eq!(action, Action::Continue, "{model}");
+        host.state["tollgate_cost_req"].clone()
+    };
+    let expected = cost("llama3.1:8b");
+    for alike in [
+        "LLAMA3.1:8B",
+        "registry.ollama.ai/library/llama3.1:8b",
+        "library/Llama3.1:8b",
+    ] {
+        assert_eq!(cost(alike), expected, "{alike}");
+    }
+    let served = ModelSet::from_names(["llama3.1:8b"]);
+    assert!(served.contains("registry.ollama.ai/library/LLAMA3.1:8B"));
+    assert!(!served.contains("llama3.1:70b"));
+}
+
+#[test]
 fn priced_model_reserves_cost_and_settles_it_from_the_reported_usage() {
     let config = priced(false);
     let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");

@@ -27,7 +27,7 @@ mod rfc3339;
 pub mod upstream_error;
 pub mod wire;
 
-use std::fmt;
+use tollgate_core::refusal::RefusalCode;
 
 use crate::request_head::{RequestHead, StreamOptions};
 
@@ -189,60 +189,42 @@ impl TranslatedRequest {
     }
 }
 
-/// Why a request cannot be sent on; [`RequestError::status`] and [`RequestError::code`] give
-/// the reply (render with `tollgate_core::error_body::render`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a request cannot be sent on; [`RequestError::code`] gives the reply's code and
+/// status, `Display` its message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
     /// Not JSON at all (syntax error, empty body).
+    #[error("request body is not valid JSON: {0}")]
     MalformedJson(String),
     /// JSON, but not a request of this API (wrong types, not an object, bad values).
+    #[error("invalid request: {0}")]
     InvalidRequest(String),
     /// No `model`, so the allowlist cannot be checked.
+    #[error("the request names no model")]
     MissingModel,
     /// This endpoint has no equivalent on the route's upstream.
+    #[error("{path} is not available for this model server ({})", upstream.as_str())]
     UnsupportedEndpoint { path: String, upstream: Upstream },
     /// A valid request using something the upstream cannot do.
+    #[error("not supported by this model server: {0}")]
     UnsupportedParameter(String),
 }
 
 impl RequestError {
     pub fn status(&self) -> u16 {
-        match self {
-            RequestError::UnsupportedEndpoint { .. } => 404,
-            _ => 400,
-        }
+        self.code().status()
     }
 
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> RefusalCode {
         match self {
-            RequestError::MalformedJson(_) => "invalid_json",
-            RequestError::InvalidRequest(_) => "invalid_request",
-            RequestError::MissingModel => "missing_model",
-            RequestError::UnsupportedEndpoint { .. } => "unsupported_endpoint",
-            RequestError::UnsupportedParameter(_) => "unsupported_parameter",
+            RequestError::MalformedJson(_) => RefusalCode::InvalidJson,
+            RequestError::InvalidRequest(_) => RefusalCode::InvalidRequest,
+            RequestError::MissingModel => RefusalCode::MissingModel,
+            RequestError::UnsupportedEndpoint { .. } => RefusalCode::UnsupportedEndpoint,
+            RequestError::UnsupportedParameter(_) => RefusalCode::UnsupportedParameter,
         }
     }
 }
-
-impl fmt::Display for RequestError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RequestError::MalformedJson(why) => write!(f, "request body is not valid JSON: {why}"),
-            RequestError::InvalidRequest(why) => write!(f, "invalid request: {why}"),
-            RequestError::MissingModel => write!(f, "the request names no model"),
-            RequestError::UnsupportedEndpoint { path, upstream } => write!(
-                f,
-                "{path} is not available for this model server ({})",
-                upstream.as_str()
-            ),
-            RequestError::UnsupportedParameter(why) => {
-                write!(f, "not supported by this model server: {why}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for RequestError {}
 
 /// Plans a request from its `:path`. Matching is exact (one trailing slash ignored, as
 /// `tollgate_core::operation` does), so a disguised path is opaque, never translated.
@@ -498,7 +480,7 @@ mod tests {
     fn endpoints_without_an_anthropic_equivalent_are_404() {
         let err = plan_request(Upstream::Anthropic, "/v1/embeddings").unwrap_err();
         assert_eq!(err.status(), 404);
-        assert_eq!(err.code(), "unsupported_endpoint");
+        assert_eq!(err.code(), RefusalCode::UnsupportedEndpoint);
     }
 
     #[test]
@@ -635,7 +617,9 @@ mod tests {
             assert_eq!(err.status(), 400);
         }
         assert_eq!(
-            error(Upstream::OpenAi, "/v1/chat/completions", "{").code(),
+            error(Upstream::OpenAi, "/v1/chat/completions", "{")
+                .code()
+                .as_str(),
             "invalid_json"
         );
     }

@@ -15,6 +15,10 @@ use tollgate_ratelimit::descriptor_config::Config;
 use tollgate_ratelimit::ledger::{self, Ledger, LedgerDb};
 use tollgate_ratelimit::rls_service::RlsService;
 use tollgate_ratelimit::startup_gate::StartupGate;
+use tollgate_runtime::accept::Incoming;
+use tollgate_runtime::readiness::Readiness;
+use tollgate_runtime::shutdown::{self, Grace, Served, Shutdown};
+use tollgate_runtime::side_port::{Reply, Route, SidePort, StatusCode};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -89,6 +93,9 @@ struct Args {
         default_value = "127.0.0.1:10012"
     )]
     http_listen: SocketAddr,
+
+    #[command(flatten)]
+    grace: Grace,
 }
 
 #[derive(Subcommand, Debug)]
@@ -104,24 +111,8 @@ enum Cmd {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> std::process::ExitCode {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // Same switch as tollgate-authz: one JSON object per line for log shippers.
-    if std::env::var("TOLLGATE_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json")) {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-    match run(Args::parse()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    tollgate_runtime::logging::init();
+    tollgate_runtime::logging::exit_code(run(Args::parse()).await)
 }
 
 /// A URL the Redis client refuses is a configuration error: fatal before anything is bound
@@ -153,27 +144,10 @@ async fn connect_redis(url: &str, timeout: Duration) -> Result<RedisStore, Store
     }
 }
 
-/// Ready while the counter store answers (Redis reachable; memory always): /readyz and the
-/// gRPC health service say the same.
-async fn readiness_loop(
-    store: Arc<AnyStore>,
-    metrics: Arc<tollgate_ratelimit::metrics::Metrics>,
-    health: tonic_health::server::HealthReporter,
-) {
+/// Ready while the counter store answers (Redis reachable; memory always).
+async fn store_answers(store: Arc<AnyStore>) -> bool {
     use tollgate_ratelimit::counter_store::CounterStore;
-    loop {
-        let ok = matches!(
-            tokio::time::timeout(Duration::from_secs(1), store.expires_in("tg:{readiness}")).await,
-            Ok(Ok(_))
-        );
-        if ok != metrics.ready() {
-            tracing::info!(ready = ok, "readiness changed");
-        }
-        // gRPC health first: whoever sees /readyz 200 also sees SERVING.
-        set_health(&health, ok).await;
-        metrics.set_ready(ok);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    store.expires_in("tg:{readiness}").await.is_ok()
 }
 
 /// `reconcile`: one JSON line per budget counter; `Err` when drift is over the bound.
@@ -202,22 +176,6 @@ async fn reconcile(args: &Args, max_drift: Option<u64>) -> Result<(), Box<dyn st
         );
     }
     Ok(())
-}
-
-/// SIGINT or SIGTERM (what Kubernetes sends).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// Connects to the ledger database, retrying every second while it is unreachable (usage is
@@ -274,39 +232,32 @@ async fn connect_backends(args: &Args) -> Result<Backends, Box<dyn std::error::E
 }
 
 /// `GET /ledger/drift`: 503 until the store and the ledger are connected.
-fn drift_report(
-    connected: Arc<OnceLock<(Arc<AnyStore>, Arc<Ledger>)>>,
-) -> tollgate_ratelimit::metrics::DriftReport {
+fn drift_route(connected: Arc<OnceLock<(Arc<AnyStore>, Arc<Ledger>)>>) -> Route {
     Arc::new(move || {
         let connected = Arc::clone(&connected);
         Box::pin(async move {
-            let (store, ledger) = connected
-                .get()
-                .ok_or("starting: counter store or ledger not connected yet")?;
-            let report = ledger::reconcile(&**store, ledger.db(), ledger::unix_micros())
-                .await
-                .map_err(|e| e.to_string())?;
-            serde_json::to_string(&report).map_err(|e| e.to_string())
+            let unavailable =
+                |e: String| Reply::text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"));
+            let Some((store, ledger)) = connected.get() else {
+                return unavailable("starting: counter store or ledger not connected yet".into());
+            };
+            match ledger::reconcile(&**store, ledger.db(), ledger::unix_micros()).await {
+                Ok(report) => match serde_json::to_string(&report) {
+                    Ok(json) => Reply::json(json),
+                    Err(e) => unavailable(e.to_string()),
+                },
+                Err(e) => unavailable(e.to_string()),
+            }
         })
     })
-}
-
-async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
-    let status = if serving {
-        tonic_health::ServingStatus::Serving
-    } else {
-        tonic_health::ServingStatus::NotServing
-    };
-    health.set_service_status("", status).await;
-    health
-        .set_service_status("envoy.service.ratelimit.v3.RateLimitService", status)
-        .await;
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(Cmd::Reconcile { max_drift }) = &args.command {
         return reconcile(&args, *max_drift).await;
     }
+    // Caught from here on: a SIGTERM while starting stops the service cleanly too.
+    let shutdown = Shutdown::on_signals()?;
     match (args.profile.as_str(), &args.redis_url) {
         ("casual", _) | ("foundation", Some(_)) => {}
         ("foundation", None) => {
@@ -338,32 +289,30 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // outage at start-up is not a dead process), /readyz and grpc.health.v1 say not ready,
     // and every ShouldRateLimit is UNAVAILABLE until the store answers (fail closed).
     let metrics = Arc::new(tollgate_ratelimit::metrics::Metrics::new()?);
+    let readiness = Readiness::new(&["envoy.service.ratelimit.v3.RateLimitService"]).await;
     let connected = Arc::new(OnceLock::new());
-    let drift = args
-        .ledger_url
-        .as_ref()
-        .map(|_| drift_report(Arc::clone(&connected)));
+    let mut side = SidePort::new(
+        {
+            let metrics = Arc::clone(&metrics);
+            move || metrics.render()
+        },
+        readiness.clone(),
+    );
+    if args.ledger_url.is_some() {
+        side = side.with_route("/ledger/drift", drift_route(Arc::clone(&connected)));
+    }
     let http = TcpListener::bind(args.http_listen).await?;
     println!("HTTP {}", http.local_addr()?);
-    tokio::spawn(tollgate_ratelimit::metrics::serve(
-        http,
-        Arc::clone(&metrics),
-        drift,
-    ));
+    tokio::spawn(side.serve(http));
 
     let listener = TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
-    let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, false).await;
     let gate = StartupGate::new(Some(Arc::clone(&metrics)));
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(health_service)
+            .add_service(readiness.grpc_health())
             .add_service(RateLimitServiceServer::new(gate.clone()))
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                shutdown_signal(),
-            ),
+            .serve_with_incoming_shutdown(Incoming::new(listener), shutdown.triggered()),
     );
 
     let backends = tokio::select! {
@@ -385,18 +334,37 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     gate.open(service);
     // Ready (HTTP and gRPC health) from the first store check that succeeds.
-    tokio::spawn(readiness_loop(store, Arc::clone(&metrics), health));
+    tokio::spawn(
+        readiness
+            .clone()
+            .follow(move || store_answers(Arc::clone(&store))),
+    );
     println!("LISTENING {addr}");
     tracing::info!(%addr, counters = backend, "tollgate-ratelimit serving RLS v3");
 
-    let served = server.await;
-    // In-flight calls are answered; what the ledger buffered goes to the database now (what
-    // cannot, stays in the buffer for the next start).
+    // Drain: not ready, no new connections, in-flight calls answered; then what the ledger
+    // buffered goes to the database (what cannot, stays in the buffer for the next start).
+    let served = match shutdown::serve_until_drained(
+        server,
+        &shutdown,
+        &readiness,
+        args.grace.calls(),
+    )
+    .await
+    {
+        Served::Early(served) => return Ok(served??),
+        Served::Drained(served) => served,
+    };
     if let Some(l) = &ledger {
-        match l.shutdown().await {
-            Ok(()) => tracing::info!("ledger flushed"),
-            Err(e) => tracing::warn!(error = %e, "ledger not flushed; kept in the buffer"),
+        match shutdown::within("ledger flush", args.grace.queue(), l.shutdown()).await {
+            Some(Ok(())) => tracing::info!("ledger flushed"),
+            Some(Err(e)) => tracing::warn!(error = %e, "ledger not flushed; kept in the buffer"),
+            None => tracing::warn!("ledger not fully flushed; the rest is kept in the buffer"),
         }
     }
-    Ok(served??)
+    // An error of the server's own is reported after the ledger is flushed.
+    if let Some(served) = served {
+        served??;
+    }
+    Ok(())
 }

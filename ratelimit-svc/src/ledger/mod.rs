@@ -235,17 +235,6 @@ struct Flusher {
     last_error_log: Option<Instant>,
 }
 
-fn random_id() -> String {
-    let mut b = [0u8; 8];
-    let read = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
-    if read.is_err() {
-        // Unique enough without /dev/urandom: time and process id.
-        let n = unix_micros() ^ (u64::from(std::process::id()) << 40);
-        b = n.to_le_bytes();
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn read_checkpoint(path: &Path) -> (u64, u64) {
     std::fs::read_to_string(path)
         .ok()
@@ -313,7 +302,10 @@ fn open_buffer(dir: &Path) -> Result<Opened, LedgerError> {
     let source = match std::fs::read_to_string(&source_path) {
         Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
         _ => {
-            let id = random_id();
+            // The rows' `source`: two buffers with one id would see each other's rows as
+            // duplicates, so it comes from the OS generator, with no fallback.
+            let id = tollgate_runtime::ids::random_hex64()
+                .map_err(|e| LedgerError::Failed(e.to_string()))?;
             let tmp = dir.join("source.tmp");
             let mut f = File::create(&tmp)?;
             f.write_all(id.as_bytes())?;

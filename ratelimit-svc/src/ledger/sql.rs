@@ -3,12 +3,9 @@
 //! (`source`, `seq`), so a buffer replayed after a crash adds nothing twice.
 
 use super::{CounterRef, LedgerError, Line};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{PgPool, QueryBuilder, Row, SqlitePool};
 use std::collections::BTreeMap;
-use std::str::FromStr;
-use std::time::Duration;
+use tollgate_runtime::sql_pool::{PoolSize, SqlPool, SqlPoolError};
 
 #[derive(Debug, Clone)]
 pub enum LedgerDb {
@@ -115,40 +112,25 @@ macro_rules! insert_batch {
 }
 
 impl LedgerDb {
+    /// One writer task inserts; the drift report reads.
+    const POOL: PoolSize = PoolSize {
+        sqlite: 2,
+        postgres: 2,
+    };
+
     /// `sqlite:…` or `postgres://…`; runs the migrations.
     pub async fn connect(url: &str) -> Result<Self, LedgerError> {
-        let db = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let opts = PgConnectOptions::from_str(url)?;
-            LedgerDb::Postgres(
-                PgPoolOptions::new()
-                    .max_connections(2)
-                    .acquire_timeout(Duration::from_secs(2))
-                    .connect_with(opts)
-                    .await?,
-            )
-        } else if url.starts_with("sqlite:") {
-            // WAL and a busy timeout: tollgate-authz may write the same file.
-            let opts = SqliteConnectOptions::from_str(url)?
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .busy_timeout(Duration::from_secs(5));
-            LedgerDb::Sqlite(
-                SqlitePoolOptions::new()
-                    .max_connections(2)
-                    .acquire_timeout(Duration::from_secs(2))
-                    .connect_with(opts)
-                    .await?,
-            )
-        } else {
-            return Err(LedgerError::InvalidUrl(
-                "ledger URL must start with sqlite: or postgres://".into(),
-            ));
-        };
-        match &db {
-            LedgerDb::Sqlite(p) => sqlx::migrate!("../migrations/sqlite").run(p).await?,
-            LedgerDb::Postgres(p) => sqlx::migrate!("../migrations/postgres").run(p).await?,
-        }
-        Ok(db)
+        let pool = SqlPool::open(url, Self::POOL).await.map_err(|e| match e {
+            SqlPoolError::UnsupportedUrl => {
+                LedgerError::InvalidUrl("ledger URL must start with sqlite: or postgres://".into())
+            }
+            SqlPoolError::Connect(e) => LedgerError::Sql(e),
+            SqlPoolError::Migrate(e) => LedgerError::Migrate(e),
+        })?;
+        Ok(match pool {
+            SqlPool::Sqlite(p) => LedgerDb::Sqlite(p),
+            SqlPool::Postgres(p) => LedgerDb::Postgres(p),
+        })
     }
 
     /// Inserts buffered lines in one transaction; rows already present are skipped.
