@@ -3,6 +3,7 @@
 
 pub mod envoy_config;
 pub mod http;
+pub mod invariant;
 pub mod paths;
 pub mod postgres;
 pub mod process;

@@ -44,6 +44,9 @@ pub struct StackOptions {
     pub envoy_concurrency: u32,
     /// Models the mock serves (comma-separated); its default list when `None`.
     pub mock_models: Option<String>,
+    /// Which server the mock plays (`--api`: `all`, `ollama`, `openai`, `anthropic`);
+    /// `all` (every API in one process) when `None`.
+    pub mock_api: Option<String>,
     /// Extra arguments for tollgate-ratelimit (e.g. `--redis-url`).
     pub ratelimit_args: Vec<String>,
     /// Serve the model-routing example (several backends) instead of one model server.
@@ -74,12 +77,33 @@ impl Default for StackOptions {
             pin_cpus: false,
             envoy_concurrency: 1,
             mock_models: None,
+            mock_api: None,
             ratelimit_args: Vec::new(),
             routing: None,
             envoy_env: Vec::new(),
             envoy_transform: None,
         }
     }
+}
+
+/// Starts a mock model server of kind `api` (`all`, `ollama`, `openai`, `anthropic`) on a
+/// free loopback port, serving `models` (its default list when `None`), with its log in
+/// `dir`; returns it with its port.
+pub fn start_mock(
+    dir: &std::path::Path,
+    name: &str,
+    api: &str,
+    models: Option<&str>,
+) -> Result<(Proc, u16), String> {
+    let mut cmd = Command::new(paths::binary("mock-model-server"));
+    cmd.args(["--listen", "127.0.0.1:0", "--api", api]);
+    if let Some(m) = models {
+        cmd.args(["--models", m]);
+    }
+    let mut p = Proc::spawn(name, cmd, dir)?;
+    let addr = p.wait_for_line("LISTENING ", READY)?;
+    let port = port_of(&addr)?;
+    Ok((p, port))
 }
 
 /// `cmd` wrapped in `taskset -c <cpu>` when pinning is asked for and taskset exists.
@@ -188,6 +212,9 @@ impl Stack {
                 cmd.args(["--listen", &listen]);
                 if let Some(models) = &opts.mock_models {
                     cmd.args(["--models", models]);
+                }
+                if let Some(api) = &opts.mock_api {
+                    cmd.args(["--api", api]);
                 }
                 let mut p = Proc::spawn("mock-model-server", cmd, &dir)?;
                 let addr = p.wait_for_line("LISTENING ", READY)?;

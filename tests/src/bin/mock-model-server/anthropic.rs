@@ -14,8 +14,14 @@ pub fn messages(req: &MockRequest, catalog: &Catalog) -> Response<Body> {
         Ok(r) => r,
         Err(e) => return error(&e),
     };
-    if request.stream(false) {
-        return responses::streaming(SSE, stream_plan(&request));
+    let stream = request.stream(false);
+    respond(&request, stream)
+}
+
+/// A Messages reply for an already-read request: the event stream or one JSON object.
+pub fn respond(request: &ModelRequest, stream: bool) -> Response<Body> {
+    if stream {
+        return responses::streaming(SSE, stream_plan(request));
     }
     responses::json(
         StatusCode::OK,

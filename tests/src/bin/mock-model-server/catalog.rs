@@ -31,6 +31,23 @@ impl Catalog {
     }
 }
 
+impl Catalog {
+    /// The served model Ollama runs for `requested`, as it names it: Ollama parses a name as
+    /// `[host/][namespace/]model[:tag]` with `registry.ollama.ai` and `library` as the
+    /// defaults and `latest` as the tag, and compares names case-insensitively, so
+    /// `LLAMA3.1:8B` and `registry.ollama.ai/library/llama3.1:8b` are `llama3.1:8b`.
+    pub fn ollama_resolve(&self, requested: &str) -> Option<String> {
+        let lower = requested.to_ascii_lowercase();
+        let short = lower.strip_prefix("registry.ollama.ai/").unwrap_or(&lower);
+        let short = short.strip_prefix("library/").unwrap_or(short);
+        let wanted = with_default_tag(short);
+        self.names
+            .iter()
+            .find(|n| with_default_tag(&n.to_ascii_lowercase()) == wanted)
+            .cloned()
+    }
+}
+
 fn with_default_tag(name: &str) -> String {
     if name.contains(':') {
         name.to_owned()
@@ -49,6 +66,26 @@ mod tests {
         assert!(catalog.contains("llama3.1"));
         assert!(catalog.contains("qwen2:latest"));
         assert!(!catalog.contains("qwen2:0.5b"));
+    }
+
+    #[test]
+    fn ollama_names_resolve_case_insensitively_and_fully_qualified() {
+        let catalog = Catalog::new(vec!["llama3.1:8b".into(), "qwen2".into()]);
+        assert_eq!(
+            catalog.ollama_resolve("LLAMA3.1:8B").as_deref(),
+            Some("llama3.1:8b")
+        );
+        assert_eq!(
+            catalog
+                .ollama_resolve("registry.ollama.ai/library/llama3.1:8b")
+                .as_deref(),
+            Some("llama3.1:8b")
+        );
+        assert_eq!(
+            catalog.ollama_resolve("Qwen2:latest").as_deref(),
+            Some("qwen2")
+        );
+        assert_eq!(catalog.ollama_resolve("llama3.1"), None);
     }
 
     #[test]

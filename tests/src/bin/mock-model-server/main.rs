@@ -1,10 +1,17 @@
 //! Mock model server for end-to-end tests and `make up`: speaks the Ollama, OpenAI and
 //! Anthropic wire formats with deterministic replies, and records every request it receives
-//! so tests can assert what the gateway let through.
+//! (with what it made of it: `interpreted`) so tests can assert what the gateway let through.
+//! `--api all` (the default) answers every API in one process; `--api ollama|openai|anthropic`
+//! plays one kind of server faithfully (see `kind_*`).
 
 mod anthropic;
 mod catalog;
+mod decode;
 mod embedding;
+mod kind;
+mod kind_anthropic;
+mod kind_ollama;
+mod kind_openai;
 mod ollama;
 mod openai;
 mod record;
@@ -26,7 +33,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::catalog::Catalog;
-use crate::router::State;
+use crate::router::{Api, State};
 
 /// Deterministic Ollama / OpenAI / Anthropic stand-in that records what it receives.
 #[derive(Debug, Parser)]
@@ -45,12 +52,18 @@ struct Cli {
         default_values = ["llama3.1:8b", "qwen2:0.5b", "gpt-4o-mini"]
     )]
     models: Vec<String>,
+
+    /// Which server to play: `all` answers every API in one process; `ollama`, `openai`
+    /// and `anthropic` behave like that kind only (its routes, its JSON decoder, its
+    /// errors), so a request reaching the wrong kind shows as that kind's 404.
+    #[arg(long, env = "MOCK_API", value_enum, default_value = "all")]
+    api: Api,
 }
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     let cli = Cli::parse();
-    let state = Arc::new(State::new(Catalog::new(cli.models)));
+    let state = Arc::new(State::new(Catalog::new(cli.models), cli.api));
 
     let listener = TcpListener::bind(cli.listen).await?;
     announce(listener.local_addr()?)?;

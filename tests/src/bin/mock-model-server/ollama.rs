@@ -24,15 +24,11 @@ const NANOS_PER_TOKEN: u64 = 1_000_000;
 const LOAD_DURATION: u64 = 1_000_000;
 
 pub fn chat(req: &MockRequest, catalog: &Catalog) -> Response<Body> {
-    generation(
-        req,
-        catalog,
-        |text| json!({"message": {"role": "assistant", "content": text}}),
-    )
+    generation(req, catalog, chat_payload)
 }
 
 pub fn generate(req: &MockRequest, catalog: &Catalog) -> Response<Body> {
-    generation(req, catalog, |text| json!({"response": text}))
+    generation(req, catalog, generate_payload)
 }
 
 /// Chat and generate differ only in where the text goes (`message.content` vs `response`);
@@ -42,11 +38,28 @@ fn generation(req: &MockRequest, catalog: &Catalog, payload: fn(&str) -> Value) 
         Ok(r) => r,
         Err(e) => return error(&e),
     };
-    if request.stream(true) {
-        responses::streaming(NDJSON, stream_plan(&request, payload))
+    let stream = request.stream(true);
+    respond(&request, stream, payload)
+}
+
+/// The `message` payload of `/api/chat`.
+pub fn chat_payload(text: &str) -> Value {
+    json!({"message": {"role": "assistant", "content": text}})
+}
+
+/// The `response` payload of `/api/generate`.
+pub fn generate_payload(text: &str) -> Value {
+    json!({ "response": text })
+}
+
+/// A chat or generate reply for an already-read request: NDJSON lines when streamed, else
+/// one object.
+pub fn respond(request: &ModelRequest, stream: bool, payload: fn(&str) -> Value) -> Response<Body> {
+    if stream {
+        responses::streaming(NDJSON, stream_plan(request, payload))
     } else {
         // Non-streamed replies carry the whole text in the single, final object.
-        let done = final_line(&request, payload(&full_text(request.chunks)));
+        let done = final_line(request, payload(&full_text(request.chunks)));
         responses::json(StatusCode::OK, &done)
     }
 }
@@ -204,7 +217,7 @@ pub fn management_success() -> Response<Body> {
 
 /// `details` as `/api/tags` and `/api/show` report it; family is the name without tag and
 /// version digits (`llama3.1:8b` → `llama`), size is the tag (`8b` → `8B`).
-fn details(name: &str) -> Value {
+pub fn details(name: &str) -> Value {
     let (base, tag) = name.split_once(':').unwrap_or((name, "latest"));
     let family = base.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.');
     let family = if family.is_empty() { base } else { family };
@@ -224,14 +237,14 @@ fn details(name: &str) -> Value {
 }
 
 /// A 64-hex-digit pseudo sha256, stable per name.
-fn fake_digest(name: &str) -> String {
+pub fn fake_digest(name: &str) -> String {
     (0..4)
         .map(|seed| format!("{:016x}", embedding::fnv1a(name.as_bytes(), seed)))
         .collect()
 }
 
 /// A plausible size in bytes (1–2 GB), stable per name.
-fn fake_size(name: &str) -> u64 {
+pub fn fake_size(name: &str) -> u64 {
     1_000_000_000 + embedding::fnv1a(name.as_bytes(), 99) % 1_000_000_000
 }
 

@@ -6,12 +6,71 @@ use std::sync::{Mutex, MutexGuard};
 
 use http::{HeaderMap, Method, Uri};
 use serde::Serialize;
+use serde_json::Value;
 
 /// Oldest entries are dropped beyond this, so a long `make up` session cannot grow unbounded.
 pub const MAX_RECORDED: usize = 10_000;
 
+/// Header a test sets to find its own requests again (`GET /__mock/requests?tag=…`).
+pub const TAG_HEADER: &str = "x-mock-tag";
+
+/// What the mock made of a request, as the server kind it plays reads it: the oracle of
+/// the invariant suite compares this, not what the gateway thinks it sent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Interpreted {
+    /// `ollama`, `openai`, `anthropic`, or `all` (the one-process mock of every API).
+    pub api: &'static str,
+    /// The endpoint it acted on (`chat`, `generate`, `pull`, `delete_model`, `list_stored`,
+    /// …), or `none` when it did nothing (unknown path: 404; trailing slash: redirect).
+    pub operation: String,
+    /// The model it read (from the body as it decodes it, or the path).
+    pub model: Option<String>,
+    pub stream: Option<bool>,
+    /// Whether the operation generates output tokens (chat, completions, responses, …).
+    pub generates: bool,
+    /// Output tokens it was asked to honour per choice; `null` when nothing bounds them
+    /// (Ollama's default `num_predict` −1, a provider's model default).
+    pub max_tokens: Option<u64>,
+    /// Choices (or `best_of` candidates) it generates; the budget is `max_tokens × n`.
+    pub n: u64,
+    /// Prompt tokens it reported (whitespace-separated words, at least 1).
+    pub tokens_in: u64,
+    /// Output tokens it generated and reported over all choices (capped by the mock).
+    pub tokens_out: u64,
+    /// Ollama runtime knobs it honoured (shared server state): raw JSON, `null` if absent.
+    pub keep_alive: Option<Value>,
+    pub num_ctx: Option<Value>,
+    /// Other load-time `options` it honoured (`num_gpu`, `num_thread`, `use_mmap`, …): a
+    /// model loaded with other values is reloaded for everyone.
+    pub load_options: Vec<String>,
+    /// The status it answered with; no generation happened unless it is 200.
+    pub status: u16,
+    pub error: Option<String>,
+}
+
+impl Interpreted {
+    pub fn new(api: &'static str, operation: &str) -> Self {
+        Self {
+            api,
+            operation: operation.to_owned(),
+            model: None,
+            stream: None,
+            generates: false,
+            max_tokens: None,
+            n: 1,
+            tokens_in: 0,
+            tokens_out: 0,
+            keep_alive: None,
+            num_ctx: None,
+            load_options: Vec::new(),
+            status: 200,
+            error: None,
+        }
+    }
+}
+
 /// One element of the `GET /__mock/requests` array.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RecordedRequest {
     pub method: String,
     /// Path plus query string, exactly as received on the request line.
@@ -20,6 +79,8 @@ pub struct RecordedRequest {
     pub headers: BTreeMap<String, String>,
     /// The body as UTF-8 (invalid bytes replaced); empty when the body was over the size cap.
     pub body: String,
+    /// What the mock made of it (see `Interpreted`); `null` for a body over the size cap.
+    pub interpreted: Option<Interpreted>,
 }
 
 impl RecordedRequest {
@@ -42,7 +103,17 @@ impl RecordedRequest {
             path,
             headers: flat,
             body: String::from_utf8_lossy(body).into_owned(),
+            interpreted: None,
         }
+    }
+
+    pub fn with(mut self, interpreted: Interpreted) -> Self {
+        self.interpreted = Some(interpreted);
+        self
+    }
+
+    fn tag(&self) -> Option<&str> {
+        self.headers.get(TAG_HEADER).map(String::as_str)
     }
 }
 
@@ -70,6 +141,15 @@ impl Recorder {
 
     pub fn snapshot(&self) -> Vec<RecordedRequest> {
         self.lock().iter().cloned().collect()
+    }
+
+    /// The entries whose `x-mock-tag` header is `tag`.
+    pub fn tagged(&self, tag: &str) -> Vec<RecordedRequest> {
+        self.lock()
+            .iter()
+            .filter(|e| e.tag() == Some(tag))
+            .cloned()
+            .collect()
     }
 
     pub fn clear(&self) {

@@ -115,6 +115,13 @@ impl ModelRequest {
     }
 }
 
+/// The `x-mock-chunks` (`None` when absent) and `x-mock-chunk-delay-ms` knobs.
+pub fn mock_knobs(headers: &HeaderMap) -> Result<(Option<usize>, Duration), RequestError> {
+    let chunks = header_number(headers, CHUNKS_HEADER, MAX_CHUNKS as u64)?.map(|n| n as usize);
+    let delay_ms = header_number(headers, CHUNK_DELAY_HEADER, MAX_CHUNK_DELAY_MS)?.unwrap_or(0);
+    Ok((chunks, Duration::from_millis(delay_ms)))
+}
+
 pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, RequestError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),

@@ -9,10 +9,20 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::catalog::Catalog;
-use crate::record::{RecordedRequest, Recorder, MAX_RECORDED};
+use crate::record::{Interpreted, RecordedRequest, Recorder, MAX_RECORDED};
 use crate::request::{read_body, BodyError, MockRequest};
 use crate::responses::{self, Body};
-use crate::{anthropic, ollama, openai};
+use crate::{anthropic, kind_anthropic, kind_ollama, kind_openai, ollama, openai};
+
+/// Which server the mock plays (`--api`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Api {
+    /// Every API in one process (the default: `make up` and the feature tests).
+    All,
+    Ollama,
+    Openai,
+    Anthropic,
+}
 
 /// Paths under this prefix control the mock itself; they are never recorded, so tests see
 /// only gateway traffic in `/__mock/requests`.
@@ -32,13 +42,15 @@ const OLLAMA_MANAGEMENT: [&str; 5] = [
 pub struct State {
     recorder: Recorder,
     catalog: Catalog,
+    api: Api,
 }
 
 impl State {
-    pub fn new(catalog: Catalog) -> Self {
+    pub fn new(catalog: Catalog, api: Api) -> Self {
         Self {
             recorder: Recorder::new(MAX_RECORDED),
             catalog,
+            api,
         }
     }
 }
@@ -83,25 +95,91 @@ pub async fn handle(
     if control {
         return Ok(control_endpoint(&req, &state.recorder));
     }
-    state.recorder.record(RecordedRequest::new(
-        &req.method,
-        &req.uri,
-        &req.headers,
-        &req.body,
-    ));
-    Ok(route(&req, &state.catalog))
+    let (response, interpreted) = match state.api {
+        Api::All => {
+            let response = route(&req, &state.catalog);
+            let interpreted = legacy_interpretation(&req, response.status());
+            (response, interpreted)
+        }
+        Api::Ollama => kind_ollama::route(&req, &state.catalog),
+        Api::Openai => kind_openai::route(&req, &state.catalog),
+        Api::Anthropic => kind_anthropic::route(&req, &state.catalog),
+    };
+    let mut interpreted = interpreted;
+    interpreted.status = response.status().as_u16();
+    state.recorder.record(
+        RecordedRequest::new(&req.method, &req.uri, &req.headers, &req.body).with(interpreted),
+    );
+    Ok(response)
+}
+
+/// What the one-process mock did, roughly: it reads `model`, `stream` and `max_tokens`
+/// exactly as named and generates `x-mock-chunks` (default 5) tokens.
+fn legacy_interpretation(req: &MockRequest, status: StatusCode) -> Interpreted {
+    let path = req.uri.path();
+    let (operation, generates) = match path {
+        "/api/chat" => ("chat", true),
+        "/api/generate" => ("generate", true),
+        "/api/embed" => ("embed", false),
+        "/api/tags" => ("tags", false),
+        "/api/version" => ("version", false),
+        "/api/show" => ("show", false),
+        "/" => ("health", false),
+        "/v1/chat/completions" => ("chat", true),
+        "/v1/completions" => ("completions", true),
+        "/v1/embeddings" => ("embeddings", false),
+        "/v1/models" => ("models", false),
+        "/v1/messages" => ("messages", true),
+        p if OLLAMA_MANAGEMENT.contains(&p) || p.starts_with("/api/blobs/") => {
+            (p.trim_start_matches("/api/"), false)
+        }
+        _ => ("none", false),
+    };
+    let mut it = Interpreted::new("all", operation);
+    it.generates = generates;
+    if let Ok(body) = crate::request::json_object(&req.body) {
+        it.model = body
+            .get("model")
+            .and_then(|m| m.as_str())
+            .map(str::to_owned);
+        it.stream = body.get("stream").and_then(serde_json::Value::as_bool);
+        it.max_tokens = body.get("max_tokens").and_then(serde_json::Value::as_u64);
+        if status == StatusCode::OK {
+            it.tokens_in = crate::request::prompt_tokens(&body);
+            if generates {
+                it.tokens_out = crate::request::mock_knobs(&req.headers)
+                    .ok()
+                    .and_then(|(chunks, _)| chunks)
+                    .unwrap_or(crate::request::DEFAULT_CHUNKS)
+                    as u64;
+            }
+        }
+    }
+    it
 }
 
 fn control_endpoint(req: &MockRequest, recorder: &Recorder) -> Response<Body> {
     match (&req.method, req.uri.path()) {
         (&Method::GET, "/__mock/health") => responses::text(StatusCode::OK, "ok"),
-        (&Method::GET, "/__mock/requests") => responses::json(StatusCode::OK, &recorder.snapshot()),
+        (&Method::GET, "/__mock/requests") => match tag_query(req) {
+            Some(tag) => responses::json(StatusCode::OK, &recorder.tagged(&tag)),
+            None => responses::json(StatusCode::OK, &recorder.snapshot()),
+        },
         (&Method::DELETE, "/__mock/requests") => {
             recorder.clear();
             responses::no_content()
         }
         _ => responses::not_found(),
     }
+}
+
+/// `tag=<value>` of the query (values are plain tokens: no decoding needed).
+fn tag_query(req: &MockRequest) -> Option<String> {
+    req.uri
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("tag="))
+        .map(str::to_owned)
 }
 
 fn route(req: &MockRequest, catalog: &Catalog) -> Response<Body> {
