@@ -4,6 +4,8 @@
 //!
 //! Each property runs a bounded number of cases (see `cases`); `PROPTEST_CASES=100000`
 //! runs them longer (docs/TESTING.md).
+// Test helpers outside #[test] functions (the shared `support` launchers) may panic too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 

@@ -1,5 +1,7 @@
 //! One contract suite for every counter store: the in-memory store, a real single-node
 //! `redis-server`, and a real three-master Redis Cluster. Plus Redis failure and recovery.
+// Test helpers outside #[test] functions (the shared `support` launchers) may panic too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 
