@@ -1,5 +1,5 @@
 //! Tollgate's proxy-wasm filter for Envoy. The decisions live in plain Rust modules tested
-//! natively; `glue` binds them to proxy-wasm and exists only in the wasm32 build.
+//! natively; `wasm_contexts` binds them to proxy-wasm and exists only in the wasm32 build.
 
 pub mod admission;
 pub mod config;
@@ -14,11 +14,11 @@ pub mod path_guard;
 pub mod pricing;
 pub mod replies;
 pub mod request_head;
+pub mod response_stream;
 pub mod routing;
 pub mod stream;
-pub mod transcoder;
 pub mod translate;
 pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
-mod glue;
+mod wasm_contexts;

@@ -1,5 +1,5 @@
 //! Runs the built `tollgate_filter.wasm` in a wasmtime host that speaks the proxy-wasm ABI like
-//! Envoy (`wasm_host`), so these tests cover the glue and the module, not only the logic.
+//! Envoy (`wasm_host`), so these tests cover the proxy-wasm contexts and the module, not only the logic.
 //! Needs `cargo build -p tollgate-filter --target wasm32-wasip1 --release` first.
 #![cfg(not(target_arch = "wasm32"))]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

@@ -18,12 +18,12 @@ use serde_json::{json, Value};
 
 use tollgate_filter::config::{Config, DEFAULT_BLOCKED_PATHS, DEFAULT_BLOCKED_PREFIXES};
 use tollgate_filter::path_guard::{self, Blocklist, Decision};
+use tollgate_filter::response_stream::{Limits, ResponseMeta, ResponseTranscoder};
 use tollgate_filter::stream::json_fields::FieldScanner;
 use tollgate_filter::stream::line_splitter::{LineSplitter, Overlong, Segment};
 use tollgate_filter::stream::ndjson::NdjsonReader;
 use tollgate_filter::stream::sse::{Oversize, SseParser};
 use tollgate_filter::stream::StreamError;
-use tollgate_filter::transcoder::{Limits, ResponseMeta, ResponseTranscoder};
 use tollgate_filter::translate::{
     plan_request, RequestOptions, ResponseKind, ResponsePlan, TranslatedRequest, Upstream,
 };

@@ -7,7 +7,7 @@ use tollgate_core::refusal::RefusalCode;
 
 use crate::host::{self, Host};
 use crate::model_gate;
-use crate::transcoder::{self, ResponseMeta, ResponseTranscoder};
+use crate::response_stream::{self, ResponseMeta, ResponseTranscoder};
 use crate::translate::{upstream_error, ResponseKind, ResponsePlan};
 
 /// Upstream error bodies are read up to this for their message; past it, a generic one.
@@ -92,7 +92,7 @@ impl Response {
                 plan,
                 status,
                 meta,
-                transcoder::Limits::default(),
+                response_stream::Limits::default(),
             ))
         };
         let response = if status >= 400 && !translated {

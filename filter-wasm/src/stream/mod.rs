@@ -9,7 +9,7 @@ pub mod sse;
 
 use std::fmt;
 
-/// Why a stream cannot go on. The glue turns any of these into a clean abort of the stream
+/// Why a stream cannot go on. The exchange turns any of these into a clean abort of the stream
 /// (or, before anything was sent, an error reply); nothing here grows without bound instead.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamError {

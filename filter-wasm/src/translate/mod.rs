@@ -1,7 +1,7 @@
 //! Owns deciding how a request is translated for the model server a route points at, and doing
 //! it: OpenAI clients to Ollama or Anthropic upstreams, and passthrough (count only) for clients
 //! that already speak the upstream's API. The response side of each translation lives beside
-//! its request side (`ollama`, `anthropic`); the per-chunk driver is `crate::transcoder`.
+//! its request side (`ollama`, `anthropic`); the per-chunk driver is `crate::response_stream`.
 //!
 //! | client path              | OpenAI upstream     | Ollama upstream        | Anthropic upstream   |
 //! |--------------------------|---------------------|------------------------|----------------------|
@@ -59,7 +59,7 @@ impl Upstream {
     }
 }
 
-/// What the response side does; see [`crate::transcoder::ResponseTranscoder`].
+/// What the response side does; see [`crate::response_stream::ResponseTranscoder`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseKind {
     /// Forwarded untouched, nothing counted.

@@ -3,7 +3,7 @@
 //! request as forwarded upstream, the response bytes the filter emitted, filter state.
 //!
 //! It knows nothing of the filter's Rust API, only the ABI, so it keeps working while the
-//! filter's logic and glue change. Where Envoy is strict the host is too, so a test fails where
+//! filter's logic and proxy-wasm contexts change. Where Envoy is strict the host is too, so a test fails where
 //! Envoy would crash the VM: a header map the filter no longer holds (request headers after
 //! `on_request_headers` returned Continue, outside `on_log`) answers `BadArgument`, which
 //! proxy-wasm 0.2.5 turns into a panic (`shared/research/envoy-1.40-facts.md`, 4a);

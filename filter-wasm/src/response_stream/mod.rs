@@ -1,8 +1,8 @@
-//! Owns the per-response state machine the glue drives chunk by chunk: it forwards, rewrites or
+//! Owns the per-response state machine the exchange drives chunk by chunk: it forwards, rewrites or
 //! (for whole-body translations) collects the upstream's bytes, and counts the tokens the
 //! upstream reports.
 //!
-//! The glue creates one [`ResponseTranscoder`] in the response-headers callback (status known),
+//! The exchange creates one [`ResponseTranscoder`] in the response-headers callback (status known),
 //! calls [`ResponseTranscoder::push_into`] for each body chunk and sends what it wrote at once,
 //! calls [`ResponseTranscoder::finish_into`] at end of stream, and reads
 //! [`ResponseTranscoder::usage`] when the stream is done (or aborted).
@@ -230,7 +230,7 @@ impl ResponseTranscoder {
     }
 
     /// Whether the output differs from the input. When `false`, the output of each push is
-    /// its input and the glue may leave the body (and `content-length`) alone; when `true`,
+    /// its input and the exchange may leave the body (and `content-length`) alone; when `true`,
     /// it must remove `content-length` in the response headers.
     pub fn rewrites_body(&self) -> bool {
         match &self.mode {
@@ -244,7 +244,7 @@ impl ResponseTranscoder {
     }
 
     /// Whether nothing is sent before [`finish`](Self::finish) (a body translated as a
-    /// whole). The glue may then hold the response headers until the end, so that a failure
+    /// whole). The exchange may then hold the response headers until the end, so that a failure
     /// can still become an error reply.
     pub fn holds_whole_body(&self) -> bool {
         matches!(self.mode, Mode::Body { .. } | Mode::ErrorBody { .. })
