@@ -65,10 +65,15 @@ impl Grant {
         })
     }
 
+    /// The caller has a token or USD limit.
+    pub fn is_metered(&self, host: &impl Host) -> bool {
+        self.has_token_limit(host) || self.has_usd_budget(host)
+    }
+
     /// The caller may only use endpoints the filter reads and counts: a model allowlist
     /// other than `*`, or any token or USD limit.
     pub fn is_restricted(&self, host: &impl Host) -> bool {
-        !self.models(host).1 || self.has_token_limit(host) || self.has_usd_budget(host)
+        !self.models(host).1 || self.is_metered(host)
     }
 
     /// The key's tenant opted in to prompt logging.

@@ -48,17 +48,31 @@ pub const RUNTIME_OPTIONS: &[&str] = &[
 /// Top-level Ollama fields of the same kind.
 pub const RUNTIME_FIELDS: &[&str] = &["keep_alive"];
 
+/// Top-level fields some server reads as the output bound: OpenAI's two, llama.cpp's
+/// `n_predict` (which it prefers to `max_tokens`), the Responses API's `max_output_tokens`,
+/// vLLM's `min_tokens` (a floor it generates to even past a smaller bound). The largest is
+/// reserved.
+pub const BUDGET_FIELDS: &[&str] = &[
+    "max_tokens",
+    "max_completion_tokens",
+    "n_predict",
+    "max_output_tokens",
+    "min_tokens",
+];
+
 /// What the gateway reads from a request body.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RequestHead {
     pub model: Option<String>,
     pub stream: Option<bool>,
-    max_tokens: Option<u64>,
-    max_completion_tokens: Option<u64>,
-    /// Ollama's `options.num_predict`; `None` also for its "unlimited" values −1 and −2.
-    num_predict: Option<u64>,
+    /// The largest positive output bound the body names, in any field a server reads as one
+    /// ([`BUDGET_FIELDS`], Ollama's `options.num_predict`); `None`: unbounded (absent, 0, or
+    /// Ollama's −1/−2), which the server takes as "until the context is full".
+    asked: Option<u64>,
     /// Completions generated per request (`n`, `best_of`, whichever is larger); 1 if absent.
     choices: u64,
+    /// Prompts in the request: `/v1/completions` takes a list and answers each one.
+    prompts: u64,
     /// The body names Ollama runtime options or fields (see [`RUNTIME_OPTIONS`]).
     pub runtime_options: bool,
     pub stream_options: StreamOptions,
@@ -101,26 +115,24 @@ impl RequestHead {
     }
 
     /// The reservation as (prompt estimate, completion budget), each at most [`COUNT_MAX`]:
-    /// the completion budget the client asked for (the largest of `max_completion_tokens`,
-    /// `max_tokens` and Ollama's `num_predict`, since servers differ in which one wins) or
-    /// `default_completion`, times the completions asked for; the prompt by
-    /// [`prompt_estimate`]. Over-reserving only delays the next request until the stream-done
-    /// debit returns the difference; under-reserving lets concurrent requests overshoot.
+    /// the output bound the client asked for (the largest of every field a server reads as
+    /// one, since servers differ in which one wins) or `default_completion`, times the
+    /// completions asked for and the prompts given; the prompt by [`prompt_estimate`].
+    /// Over-reserving only delays the next request until the stream-done debit returns the
+    /// difference; under-reserving lets concurrent requests overshoot.
     pub fn reservation_parts(&self, body: &[u8], default_completion: u64) -> (u64, u64) {
-        let asked = [
-            self.max_completion_tokens,
-            self.max_tokens,
-            self.num_predict,
-        ]
-        .into_iter()
-        .flatten()
-        .filter(|n| *n > 0)
-        .max();
-        let completion = asked
+        let completion = self
+            .asked
             .unwrap_or(default_completion)
             .saturating_mul(self.choices.max(1))
+            .saturating_mul(self.prompts.max(1))
             .min(COUNT_MAX);
         (prompt_estimate(body).min(COUNT_MAX), completion)
+    }
+
+    /// The body names an output bound the server honours.
+    pub fn bounds_output(&self) -> bool {
+        self.asked.is_some()
     }
 }
 
@@ -159,6 +171,142 @@ pub fn prompt_estimate(text: &[u8]) -> u64 {
         }
     }
     tokens
+}
+
+impl RequestHead {
+    fn ask(&mut self, bound: Option<u64>) {
+        if let Some(b) = bound.filter(|b| *b > 0) {
+            self.asked = Some(self.asked.map_or(b, |a| a.max(b)));
+        }
+    }
+}
+
+/// How many prompts a `prompt` holds: a string or a list of token ids is one, a list of
+/// strings or of token lists is one per element (each is answered).
+struct PromptsVisitor;
+
+impl<'de> DeserializeSeed<'de> for PromptsVisitor {
+    type Value = u64;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PromptsVisitor {
+    type Value = u64;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a prompt")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
+        let (mut items, mut token_ids) = (0u64, 0u64);
+        while let Some(is_number) = seq.next_element_seed(IsNumber)? {
+            items += 1;
+            token_ids += u64::from(is_number);
+        }
+        Ok(if items > 0 && token_ids == items {
+            1
+        } else {
+            items.max(1)
+        })
+    }
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<u64, E> {
+        Ok(1)
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<u64, E> {
+        Ok(1)
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<u64, E> {
+        Ok(1)
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<u64, E> {
+        Ok(1)
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<u64, E> {
+        Ok(1)
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<u64, E> {
+        Ok(1)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(1)
+    }
+}
+
+/// Whether a list element is a number (a token id), the rest skipped.
+struct IsNumber;
+
+impl<'de> DeserializeSeed<'de> for IsNumber {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for IsNumber {
+    type Value = bool;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a prompt element")
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<bool, E> {
+        Ok(true)
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<bool, E> {
+        Ok(true)
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<bool, E> {
+        Ok(true)
+    }
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+}
+
+/// Where a request's output bound is written when the gateway imposes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BoundField {
+    /// Top-level `max_tokens` (OpenAI-style and Anthropic bodies, and the OpenAI bodies the
+    /// filter translates for Ollama, which map it to `num_predict`).
+    MaxTokens,
+    /// Ollama's `options.num_predict`.
+    NumPredict,
+}
+
+/// The body with an output bound of `n` written in `field` (replacing an unbounded value);
+/// `None` if it is not a JSON object.
+pub fn with_output_bound(body: &[u8], field: BoundField, n: u64) -> Option<Vec<u8>> {
+    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
+    match field {
+        BoundField::MaxTokens => {
+            v.insert("max_tokens".into(), n.into());
+        }
+        BoundField::NumPredict => {
+            let options = v
+                .entry("options")
+                .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+            if !options.is_object() {
+                *options = serde_json::Value::Object(serde_json::Map::new());
+            }
+            if let serde_json::Value::Object(o) = options {
+                o.insert("num_predict".into(), n.into());
+            }
+        }
+    }
+    serde_json::to_vec(&v).ok()
 }
 
 /// A field name the upstream reads exactly as the gateway does.
@@ -285,6 +433,7 @@ impl<'de> Visitor<'de> for HeadVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RequestHead, A::Error> {
         let mut head = RequestHead {
             choices: 1,
+            prompts: 1,
             ..RequestHead::default()
         };
         let mut seen = HashSet::new();
@@ -305,21 +454,23 @@ impl<'de> Visitor<'de> for HeadVisitor {
                     head.model = model;
                 }
                 "stream" => head.stream = map.next_value()?,
-                "max_tokens" => {
-                    let c = map.next_value_seed(CountVisitor("max_tokens"))?;
-                    head.max_tokens = budget("max_tokens", c)?;
+                k if BUDGET_FIELDS.contains(&k) => {
+                    let name = BUDGET_FIELDS
+                        .iter()
+                        .find(|f| **f == k)
+                        .copied()
+                        .unwrap_or("");
+                    let c = map.next_value_seed(CountVisitor(name))?;
+                    head.ask(budget(name, c)?);
                 }
-                "max_completion_tokens" => {
-                    let c = map.next_value_seed(CountVisitor("max_completion_tokens"))?;
-                    head.max_completion_tokens = budget("max_completion_tokens", c)?;
-                }
+                "prompt" => head.prompts = map.next_value_seed(PromptsVisitor)?,
                 "n" => n = choices("n", map.next_value_seed(CountVisitor("n"))?)?,
                 "best_of" => {
                     best_of = choices("best_of", map.next_value_seed(CountVisitor("best_of"))?)?
                 }
                 "options" => {
                     let options = map.next_value_seed(OptionsVisitor)?;
-                    head.num_predict = options.num_predict;
+                    head.ask(options.num_predict);
                     head.runtime_options |= options.runtime;
                 }
                 "stream_options" => {
@@ -471,6 +622,55 @@ mod tests {
         assert_eq!(parts(r#"{"model":"m","max_tokens":0}"#), 1000);
         assert_eq!(parts(r#"{"model":"m","options":{"num_predict":-1}}"#), 1000);
         assert_eq!(parts(r#"{"model":"m","max_tokens":null}"#), 1000);
+    }
+
+    #[test]
+    fn every_field_a_server_reads_as_a_bound_counts_and_prompts_multiply() {
+        let parts = |b: &str| head(b).reservation_parts(b"", 1000).1;
+        // llama.cpp prefers n_predict to max_tokens; the largest is reserved.
+        assert_eq!(
+            parts(r#"{"model":"m","max_tokens":10,"n_predict":5000}"#),
+            5000
+        );
+        assert_eq!(parts(r#"{"model":"m","max_output_tokens":70}"#), 70);
+        assert_eq!(
+            parts(r#"{"model":"m","max_tokens":10,"min_tokens":40}"#),
+            40
+        );
+        // Each prompt of a list is answered: 20 × 900.
+        let list = format!(
+            r#"{{"model":"m","max_tokens":900,"prompt":[{}]}}"#,
+            vec!["\"a\""; 20].join(",")
+        );
+        assert_eq!(parts(&list), 18_000);
+        assert_eq!(
+            parts(r#"{"model":"m","max_tokens":9,"prompt":[[1,2],[3]],"n":2}"#),
+            36
+        );
+        // A list of token ids is one prompt.
+        assert_eq!(parts(r#"{"model":"m","max_tokens":9,"prompt":[1,2,3]}"#), 9);
+        assert_eq!(parts(r#"{"model":"m","max_tokens":9,"prompt":"abc"}"#), 9);
+        assert!(!head(r#"{"model":"m","options":{"num_predict":-2}}"#).bounds_output());
+        assert!(!head(r#"{"model":"m","max_tokens":0}"#).bounds_output());
+        assert!(head(r#"{"model":"m","n_predict":3}"#).bounds_output());
+    }
+
+    #[test]
+    fn an_output_bound_is_written_where_the_api_reads_it() {
+        let out = with_output_bound(
+            br#"{"model":"m","options":{"num_predict":-1,"seed":1}}"#,
+            BoundField::NumPredict,
+            1024,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v["options"],
+            serde_json::json!({"num_predict": 1024, "seed": 1})
+        );
+        let out = with_output_bound(br#"{"model":"m"}"#, BoundField::MaxTokens, 64).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["max_tokens"], 64);
     }
 
     #[test]

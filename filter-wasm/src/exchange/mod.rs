@@ -549,6 +549,22 @@ impl Exchange {
         } else {
             body
         };
+        // Unbounded output (no bound, or Ollama's -1/-2) runs until the context is full: for
+        // a caller with token or USD limits the reservation is written into the body as its
+        // bound, so one request cannot overshoot by more than it reserved.
+        let bounded;
+        let body = match plan.output_bound_field() {
+            Some(field) if !head.bounds_output() && self.grant.is_metered(host) => {
+                let n = config.default_reservation_tokens;
+                let Some(b) = request_head::with_output_bound(body, field, n) else {
+                    return self.fail_request(host, &not_an_object());
+                };
+                bounded = b;
+                rewritten = true;
+                &bounded[..]
+            }
+            _ => body,
+        };
         let translated = match plan.translate_with_head(body, head, &config.request_options) {
             Ok(t) => t,
             Err(e) => return self.fail_request(host, &e),

@@ -726,6 +726,57 @@ fn a_model_spelt_as_ollama_resolves_it_is_priced_and_allowed_as_that_model() {
 }
 
 #[test]
+fn a_metered_callers_unbounded_request_is_bounded_by_its_reservation() {
+    let metered = |method: &str, path: &str| {
+        with_metadata(FakeHost::request(method, path).with_models("*"), "key_tpm")
+    };
+    // Ollama native: -1, -2, 0 or nothing means "until the context is full".
+    for options in [
+        r#","options":{"num_predict":-2}"#,
+        r#","options":{"num_predict":0}"#,
+        "",
+    ] {
+        let config = Config::default();
+        let body = format!(r#"{{"model":"llama3.1:8b","messages":[]{options}}}"#);
+        let mut host = metered("POST", "/api/chat");
+        let (_, action) = send(&mut host, &config, &body, None);
+        assert_eq!(action, Action::Continue, "{options}");
+        let sent: serde_json::Value = serde_json::from_slice(&host.request_body).unwrap();
+        assert_eq!(sent["options"]["num_predict"], 1024, "{options}");
+    }
+    // OpenAI-style chat passed through, and chat translated for Ollama.
+    for config in [
+        Config::default(),
+        Config::from_json(br#"{"upstream":"ollama"}"#).unwrap(),
+    ] {
+        let mut host = metered("POST", "/v1/chat/completions");
+        send(&mut host, &config, r#"{"model":"m","messages":[]}"#, None);
+        let sent: serde_json::Value = serde_json::from_slice(&host.request_body).unwrap();
+        let bound = &sent["max_tokens"];
+        let bound = if bound.is_null() {
+            &sent["options"]["num_predict"]
+        } else {
+            bound
+        };
+        assert_eq!(*bound, 1024, "{sent}");
+    }
+    // A caller without limits, or a bounded request, is sent as it came.
+    let body = r#"{"model":"m","messages":[]}"#;
+    let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");
+    send(&mut host, &Config::default(), body, None);
+    assert_eq!(host.request_body, body.as_bytes());
+    let body = r#"{"model":"m","messages":[],"max_tokens":5}"#;
+    let mut host = metered("POST", "/v1/chat/completions");
+    send(&mut host, &Config::default(), body, None);
+    assert_eq!(host.request_body, body.as_bytes());
+    // Embeddings generate nothing.
+    let body = r#"{"model":"m","input":"x"}"#;
+    let mut host = metered("POST", "/v1/embeddings");
+    send(&mut host, &Config::default(), body, None);
+    assert_eq!(host.request_body, body.as_bytes());
+}
+
+#[test]
 fn priced_model_reserves_cost_and_settles_it_from_the_reported_usage() {
     let config = priced(false);
     let mut host = FakeHost::request("POST", "/v1/chat/completions").with_models("*");

@@ -29,7 +29,7 @@ pub mod wire;
 
 use tollgate_core::refusal::RefusalCode;
 
-use crate::request_head::{RequestHead, StreamOptions};
+use crate::request_head::{BoundField, RequestHead, StreamOptions};
 
 /// The API of the model server a route points at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -300,6 +300,22 @@ impl RequestPlan {
     /// Neither read nor translated: the filter cannot check what it does.
     pub fn is_opaque(&self) -> bool {
         self.route == Route::Opaque
+    }
+
+    /// Where this request's output bound goes when the gateway imposes one; `None` for
+    /// requests that generate nothing (embeddings, listings) or whose translation always
+    /// writes one (to Anthropic).
+    pub fn output_bound_field(&self) -> Option<BoundField> {
+        match self.route {
+            Route::OpenAiPassthrough { streams: true }
+            | Route::ChatToOllama
+            | Route::CompletionToOllama
+            | Route::AnthropicPassthrough => Some(BoundField::MaxTokens),
+            Route::OllamaPassthrough {
+                stream_default: true,
+            } => Some(BoundField::NumPredict),
+            _ => None,
+        }
     }
 
     /// The completion budget the translation writes when the client names none: the
