@@ -4,79 +4,70 @@
 //! the IPv4 network (`10.0.0.0/8`). Families never mix otherwise: an IPv6 network, even
 //! `::/0`, contains no IPv4 client, so an entry meant for IPv6 never widens to IPv4 (a
 //! `trusted_proxies: ["::/0"]` must not trust every IPv4 peer's `x-forwarded-for`).
+//!
+//! Parsing and containment are the `ipnet` crate's; this module adds only the mapped-address
+//! rule, the bare-address-is-a-host rule and the network that matches nothing.
 
 use std::net::IpAddr;
 
+use ipnet::Ipv4Net;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-    /// Matches no address at all (used when a stored list cannot be read).
-    none: bool,
+    /// `None` matches no address at all (used when a stored list cannot be read).
+    net: Option<ipnet::IpNet>,
 }
 
 impl IpNet {
     pub fn parse(s: &str) -> Result<Self, String> {
-        let (addr_s, prefix_s) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr_s
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix_s {
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
-            None => max,
-        };
-        // Written as IPv4-mapped IPv6, it is the IPv4 network (one spelling, one value).
-        let (addr, prefix) = match addr {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) if prefix >= 96 => (IpAddr::V4(v4), prefix - 96),
-                _ => (addr, prefix),
-            },
-            v4 => (v4, prefix),
+        let net = match s.split_once('/') {
+            // ipnet's grammar has no spaces; a config may put them around either part.
+            Some((a, p)) => {
+                let (a, p) = (a.trim(), p.trim());
+                format!("{a}/{p}").parse::<ipnet::IpNet>().map_err(|_| {
+                    match a.parse::<IpAddr>() {
+                        Ok(addr) => {
+                            let max = if addr.is_ipv4() { 32 } else { 128 };
+                            format!("{s:?}: prefix length must be 0..={max}")
+                        }
+                        Err(_) => not_an_address(s),
+                    }
+                })?
+            }
+            // A bare address is the single host.
+            None => ipnet::IpNet::from(s.trim().parse::<IpAddr>().map_err(|_| not_an_address(s))?),
         };
         Ok(Self {
-            addr,
-            prefix,
-            none: false,
+            net: Some(ipv4_if_mapped(net)),
         })
     }
 
     pub fn nothing() -> Self {
-        Self {
-            addr: IpAddr::from([0, 0, 0, 0]),
-            prefix: 32,
-            none: true,
-        }
+        Self { net: None }
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        if self.none {
-            return false;
-        }
-        match (self.addr, canonical(ip)) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
+        // ipnet never matches across families, which is the rule we want once a mapped
+        // client has become the IPv4 client.
+        self.net.is_some_and(|net| net.contains(&canonical(ip)))
+    }
+}
+
+fn not_an_address(s: &str) -> String {
+    format!("{s:?} is not an IP address or CIDR")
+}
+
+/// Written as IPv4-mapped IPv6 with a prefix covering the mapped block, it is the IPv4
+/// network (one spelling, one value).
+fn ipv4_if_mapped(net: ipnet::IpNet) -> ipnet::IpNet {
+    match net {
+        ipnet::IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
+            Some(v4) if v6.prefix_len() >= 96 => Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(ipnet::IpNet::V4)
+                .unwrap_or(net),
+            _ => net,
+        },
+        v4 => v4,
     }
 }
 
@@ -90,10 +81,11 @@ fn canonical(ip: IpAddr) -> IpAddr {
 
 impl std::fmt::Display for IpNet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.none {
-            return f.write_str("none");
+        match self.net {
+            None => f.write_str("none"),
+            // `addr/prefix`, host bits kept as written, so it parses back equal.
+            Some(net) => write!(f, "{net}"),
         }
-        write!(f, "{}/{}", self.addr, self.prefix)
     }
 }
 

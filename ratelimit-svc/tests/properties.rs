@@ -17,7 +17,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use serde_yaml::{Mapping, Value};
-use support::{RedisServer, TempDir};
+use support::{Redis, TempDir};
 use tollgate_ratelimit::counter_store::{
     redis_keys, CounterStore, Hit, HitMode, MemoryStore, RedisStore, StoreError,
 };
@@ -1011,7 +1011,7 @@ fn the_ideal_gcra_reference_admits_a_burst_then_one_per_interval() {
 #[test]
 fn redis_store_admits_a_burst_of_hits_exactly_up_to_the_limit() {
     let dir = TempDir::new("properties");
-    let redis = RedisServer::start(&dir.0);
+    let redis = Redis::start_in(&dir.0).unwrap_or_else(|e| panic!("{e}"));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -18,7 +18,7 @@ use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{RedisServer, TempDir};
+use support::{Redis, TempDir};
 use tollgate_ratelimit::config_watch::SharedConfig;
 use tollgate_ratelimit::counter_store::MemoryStore;
 use tollgate_ratelimit::descriptor_config::Config;
@@ -220,7 +220,7 @@ async fn binary_with_config_and_redis_reloads_fails_closed_and_recovers() {
     let dir = TempDir::new("binary");
     let file = dir.0.join("limits.yaml");
     std::fs::write(&file, limits(2)).unwrap();
-    let mut redis = RedisServer::start(&dir.0);
+    let mut redis = Redis::start_in(&dir.0).unwrap_or_else(|e| panic!("{e}"));
     let rls = start_rls(&[
         "--config",
         file.to_str().unwrap(),
@@ -253,7 +253,7 @@ async fn binary_with_config_and_redis_reloads_fails_closed_and_recovers() {
     assert_eq!(codes(&mut c, &req, 4).await, vec![OK, OK, OK, OVER]);
 
     // Redis down: UNAVAILABLE (Envoy denies), never OK.
-    redis.stop();
+    redis.stop_server();
     for _ in 0..3 {
         let t = Instant::now();
         let e = call(&mut c, &req).await.unwrap_err();
@@ -261,7 +261,7 @@ async fn binary_with_config_and_redis_reloads_fails_closed_and_recovers() {
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
     // Back on the same port: decisions succeed again without restarting the service.
-    redis.restart();
+    redis.restart().unwrap_or_else(|e| panic!("{e}"));
     let until = Instant::now() + Duration::from_secs(10);
     let fresh = request(vec![entry("key_id", "k2")], None);
     loop {

@@ -7,7 +7,7 @@ mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{RedisCluster, RedisServer, TempDir};
+use support::{Redis, RedisCluster, TempDir};
 use tollgate_ratelimit::counter_store::{
     redis_keys, CounterStore, Hit, HitMode, MemoryStore, RedisStore,
 };
@@ -476,7 +476,7 @@ async fn memory_store_meets_the_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_store_meets_the_contract() {
     let dir = TempDir::new("contract");
-    let redis = RedisServer::start(&dir.0);
+    let redis = Redis::start_in(&dir.0).unwrap_or_else(|e| panic!("{e}"));
     let store = RedisStore::connect(&redis.url(), TIMEOUT).await.unwrap();
     assert!(!store.is_cluster());
     contract(Arc::new(store), "redis").await;
@@ -529,7 +529,8 @@ fn client_calls(port: u16) -> std::collections::HashMap<String, u64> {
 async fn redis_cluster_store_meets_the_contract() {
     let cluster = tokio::task::spawn_blocking(RedisCluster::start)
         .await
-        .unwrap();
+        .unwrap()
+        .unwrap_or_else(|e| panic!("redis cluster: {e}"));
     let store = Arc::new(RedisStore::connect(&cluster.url(), TIMEOUT).await.unwrap());
     assert!(store.is_cluster());
     contract(Arc::clone(&store), "cluster").await;
@@ -567,7 +568,7 @@ async fn redis_cluster_store_meets_the_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_is_an_error_and_recovers_without_a_new_store() {
     let dir = TempDir::new("outage");
-    let mut redis = RedisServer::start(&dir.0);
+    let mut redis = Redis::start_in(&dir.0).unwrap_or_else(|e| panic!("{e}"));
     let store = RedisStore::connect(&redis.url(), Duration::from_millis(300))
         .await
         .unwrap();
@@ -578,7 +579,7 @@ async fn redis_down_is_an_error_and_recovers_without_a_new_store() {
 
     // A hung server (SIGSTOP: the connection stays open, nothing answers) must not hang
     // a decision.
-    redis.signal("-STOP");
+    redis.signal("-STOP").unwrap_or_else(|e| panic!("{e}"));
     let t = Instant::now();
     assert!(store.hit_batch(&h).await.is_err());
     assert!(
@@ -586,9 +587,9 @@ async fn redis_down_is_an_error_and_recovers_without_a_new_store() {
         "{:?}",
         t.elapsed()
     );
-    redis.signal("-CONT");
+    redis.signal("-CONT").unwrap_or_else(|e| panic!("{e}"));
 
-    redis.stop();
+    redis.stop_server();
     for _ in 0..3 {
         let t = Instant::now();
         assert!(store.hit_batch(&h).await.is_err(), "Redis is down");
@@ -600,7 +601,7 @@ async fn redis_down_is_an_error_and_recovers_without_a_new_store() {
     }
 
     // Same port, empty script cache: the store reconnects and reloads the script.
-    redis.restart();
+    redis.restart().unwrap_or_else(|e| panic!("{e}"));
     recovers(&store, &h).await;
 }
 

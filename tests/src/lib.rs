@@ -4,6 +4,7 @@
 pub mod envoy_config;
 pub mod http;
 pub mod invariant;
+pub mod manifests;
 pub mod paths;
 pub mod postgres;
 pub mod process;

@@ -138,25 +138,12 @@ pub struct Stack {
 }
 
 fn temp_dir() -> Result<PathBuf, String> {
-    let base = std::env::temp_dir();
-    for i in 0..1000u32 {
-        let d = base.join(format!(
-            "tollgate-e2e-{}-{}-{i}",
-            std::process::id(),
-            nanos()
-        ));
-        if std::fs::create_dir(&d).is_ok() {
-            return Ok(d);
-        }
+    let d = crate::process::temp_dir("e2e");
+    if d.is_dir() {
+        Ok(d)
+    } else {
+        Err(format!("cannot create a temp dir {}", d.display()))
     }
-    Err("cannot create a temp dir".into())
-}
-
-fn nanos() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
 }
 
 fn port_of(addr: &str) -> Result<u16, String> {

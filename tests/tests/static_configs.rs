@@ -393,7 +393,7 @@ const REPLY_REQUEST_ID: &str = "%CEL('x-request-id' in request.headers ? request
 
 /// The connection manager of every config that carries one in full: local, compose, the
 /// routing example, and the connection-manager patch of the Istio EnvoyFilter. (Production
-/// must equal the local template there: tests/tests/deploy_manifests.rs.)
+/// must equal the local template there: tests/tests/deploy_production.rs, deploy_istio.rs.)
 fn connection_managers() -> Vec<(&'static str, Value)> {
     let istio = yaml(&read("envoy/istio/envoy-filter.yaml"));
     let istio_hcm = istio["spec"]["configPatches"]
