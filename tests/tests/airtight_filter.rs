@@ -251,3 +251,24 @@ fn ollama_runtime_options_never_reach_the_shared_server() {
     assert_eq!(body.get("keep_alive"), None, "{body}");
     assert_eq!(body["options"], json!({"temperature": 0}));
 }
+
+#[test]
+fn a_header_name_with_an_underscore_is_refused_at_the_edge() {
+    // A server that maps '_' to '-' (CGI, WSGI) would read it as the x-tollgate-tenant
+    // tollgate-authz sets.
+    let stack = start();
+    let key = key_with(&stack, &[]);
+    let r = post_with(
+        &stack,
+        &key,
+        "/v1/chat/completions",
+        &json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}),
+        &[("x_tollgate_tenant", "evil")],
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let rid = r.header("x-request-id").unwrap_or_default().to_string();
+    assert!(!rid.is_empty());
+    assert_eq!(r.json()["error"]["request_id"], rid.as_str());
+    assert!(recorded(&stack).is_empty(), "{:?}", recorded(&stack));
+}
