@@ -7,6 +7,7 @@ pub mod invariant;
 pub mod manifests;
 pub mod paths;
 pub mod postgres;
+pub mod proc_stat;
 pub mod process;
 pub mod redis;
 pub mod routing_config;

@@ -49,15 +49,7 @@ fn pct(sorted: &[Duration], p: usize) -> Duration {
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    n(11) + n(12)
+    tollgate_e2e::proc_stat::cpu_ticks(pid).unwrap_or(0)
 }
 
 async fn worker(port: u16, key: String, load: Load, n: usize) -> Res<Vec<Sample>> {

@@ -29,6 +29,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tollgate_e2e::proc_stat::{self, ticks_per_sec};
 use tonic::transport::Channel;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -56,31 +57,11 @@ fn pinned(cpu: &str, program: &std::path::Path) -> Command {
 }
 
 fn proc_stat_ticks(pid: u32) -> Res<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may contain spaces) start after ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("bad stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = f.get(11).ok_or("no utime")?.parse()?;
-    let stime: u64 = f.get(12).ok_or("no stime")?.parse()?;
-    Ok(utime + stime)
-}
-
-fn ticks_per_sec() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100)
+    Ok(proc_stat::cpu_ticks(pid).ok_or("no /proc stat")?)
 }
 
 fn rss_kib(pid: u32) -> Res<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .ok_or("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).ok_or("bad VmRSS")?.parse()?)
+    Ok(proc_stat::rss_kib(pid).ok_or("no VmRSS")?)
 }
 
 fn free_port() -> Res<u16> {

@@ -15,26 +15,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tollgate_authz::api_key;
 use tollgate_authz::key_store::KeyStore;
+use tollgate_e2e::proc_stat::{self, ticks_per_sec};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn cpu_ticks(pid: u32) -> Res<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may contain spaces) start after ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("bad stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = f.get(11).ok_or("stat")?.parse()?;
-    let stime: u64 = f.get(12).ok_or("stat")?.parse()?;
-    Ok(utime + stime)
-}
-
-fn ticks_per_sec() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100)
+    Ok(proc_stat::cpu_ticks(pid).ok_or("no /proc stat")?)
 }
 
 struct Server {
