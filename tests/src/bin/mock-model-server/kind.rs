@@ -120,6 +120,17 @@ pub fn refused(
     (response, it)
 }
 
+/// A kind's route table: (method, path pattern, operation).
+pub type Routes = [(&'static str, &'static str, &'static str)];
+
+/// The operation a route table names for `method` and `path`.
+pub fn operation_in(routes: &Routes, method: &http::Method, path: &str) -> Option<&'static str> {
+    routes
+        .iter()
+        .find(|(m, p, _)| *m == method.as_str() && route_matches(p, path))
+        .map(|(_, _, op)| *op)
+}
+
 /// Whether `path` matches a route pattern: segment by segment, `*` standing for any one
 /// non-empty segment.
 pub fn route_matches(pattern: &str, path: &str) -> bool {

@@ -61,10 +61,7 @@ const ROUTES: [(&str, &str, &str); 28] = [
 ];
 
 pub fn operation_of(method: &Method, path: &str) -> Option<&'static str> {
-    ROUTES
-        .iter()
-        .find(|(m, p, _)| *m == method.as_str() && kind::route_matches(p, path))
-        .map(|(_, _, op)| *op)
+    kind::operation_in(&ROUTES, method, path)
 }
 
 pub fn route(req: &MockRequest, catalog: &Catalog) -> Handled {
