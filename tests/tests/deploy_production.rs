@@ -135,6 +135,19 @@ fn production_config_matches_the_local_template_where_it_must() {
         if key == "route_config" {
             continue;
         }
+        // Within a settings block (common_http_protocol_options) production may add settings
+        // too (its idle timeout); every setting the local template has must be there.
+        if let Some(settings) = value.as_mapping() {
+            for (sub, v) in settings {
+                let sub = str_of(sub, "HCM setting");
+                assert_eq!(
+                    &prod_hcm[key][sub], v,
+                    "HCM `{key}.{sub}` of envoy/envoy.production.yaml.tmpl differs from \
+                     envoy/tollgate.yaml.tmpl; change both together"
+                );
+            }
+            continue;
+        }
         assert_eq!(
             &prod_hcm[key], value,
             "HCM `{key}` of envoy/envoy.production.yaml.tmpl differs from envoy/tollgate.yaml.tmpl; \
