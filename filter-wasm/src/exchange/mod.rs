@@ -14,7 +14,7 @@ mod response;
 #[cfg(test)]
 mod tests;
 
-use crate::admission::{self, Admission, Outcome, Reported};
+use crate::admission::{self, Admission, Outcome};
 use crate::config::Config;
 use crate::discovery::{ModelSet, Served};
 use crate::endpoint;
@@ -684,20 +684,6 @@ impl Exchange {
         for (name, value) in settlement.filter_state(admission) {
             host.set_property(name, &value);
         }
-    }
-}
-
-/// The response side's view of what the transcoder counted.
-impl Response {
-    fn reported(&self) -> Reported {
-        self.usage()
-            .map(|(prompt, completion, usage, events)| Reported {
-                prompt,
-                completion,
-                usage,
-                events,
-            })
-            .unwrap_or_default()
     }
 }
 

@@ -5,6 +5,7 @@
 use tollgate_core::model_pattern::ModelPattern;
 use tollgate_core::refusal::RefusalCode;
 
+use crate::admission::Reported;
 use crate::host::{self, Host};
 use crate::model_gate;
 use crate::response_stream::{self, ResponseMeta, ResponseTranscoder};
@@ -232,19 +233,20 @@ impl Response {
         }
     }
 
-    /// What the transcoder counted: (prompt, completion, reported, stream events).
-    pub fn usage(&self) -> Option<(u64, u64, bool, u64)> {
+    /// What the model server reported, as far as the bill goes; nothing for responses
+    /// that were not counted.
+    pub fn reported(&self) -> Reported {
         match self {
             Response::Transcode { transcoder, .. } | Response::Listing { transcoder, .. } => {
                 let u = transcoder.usage();
-                Some((
-                    u.prompt,
-                    u.completion,
-                    transcoder.usage_reported(),
-                    transcoder.stream_events(),
-                ))
+                Reported {
+                    prompt: u.prompt,
+                    completion: u.completion,
+                    usage: transcoder.usage_reported(),
+                    events: transcoder.stream_events(),
+                }
             }
-            Response::Untouched | Response::UpstreamError { .. } => None,
+            Response::Untouched | Response::UpstreamError { .. } => Reported::default(),
         }
     }
 }
